@@ -1,0 +1,196 @@
+"""The LightningDataModule: sources, splits, per-class limits and timm transforms."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from transferkit.data.animal_mnist import CLASSES as ANIMAL_CLASSES
+from transferkit.data.animal_mnist import load_animal_mnist
+from transferkit.data.image_folder import scan_image_folder
+from transferkit.data.samples import Samples, limit_per_class, stratified_split
+from transferkit.data.transforms import build_transform
+
+log = logging.getLogger(__name__)
+
+
+class ImageDataset(Dataset):
+    """Samples plus a transform; yields ``(tensor, label)``."""
+
+    def __init__(self, samples: Samples, transform: Callable[[Any], torch.Tensor]) -> None:
+        self.samples, self.transform = samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.samples.load(i)), int(self.samples.labels[i])
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Common logic; subclasses implement :meth:`load_source`.
+
+    Args:
+        batch_size: images per device and step.
+        num_workers: DataLoader worker processes.
+        image_size: square input resolution fed to the backbone.
+        val_fraction: share of each class held out for validation when the source has no
+            validation split.
+        test_fraction: likewise for the test split.
+        limit_per_class: keep at most this many training images per class (None: all).
+        seed: seed of the split and of the subsample.
+        augment: options for the training transform (see ``build_transform``).
+        crop_pct: evaluation centre-crop fraction (1.0: resize only).
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        image_size: int = 64,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        limit_per_class: int | None = None,
+        seed: int = 42,
+        augment: Mapping[str, Any] | None = None,
+        crop_pct: float = 1.0,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not 0.0 <= frac < 1.0:
+                raise ValueError(f"data.{name} must be in [0, 1), got {frac}.")
+        if val_fraction + test_fraction >= 1.0:
+            raise ValueError(
+                f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction} "
+                "leaves no training images; lower them."
+            )
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}.")
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.image_size = image_size
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.limit = limit_per_class
+        self.seed = seed
+        self.augment = dict(augment or {})
+        self.crop_pct = crop_pct
+        self.pin_memory = pin_memory
+        self.classes: list[str] = []
+        self.splits: dict[str, Samples] = {}
+        self.preprocessing: dict[str, Any] | None = None
+
+    # -- sources -------------------------------------------------------------------------
+    def load_source(self) -> tuple[list[str], dict[str, Samples]]:
+        """Class names and the splits the source provides (at least ``train``)."""
+        raise NotImplementedError
+
+    # -- Lightning hooks -----------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        classes, given = self.load_source()
+        train = given["train"]
+        fractions = [
+            0.0 if "val" in given else self.val_fraction,
+            0.0 if "test" in given else self.test_fraction,
+        ]
+        if any(fractions):
+            rest, val_idx, test_idx = stratified_split(train.labels, fractions, self.seed, classes)
+            splits = {"train": train.subset(rest)}
+            if "val" not in given:
+                splits["val"] = train.subset(val_idx)
+            if "test" not in given:
+                splits["test"] = train.subset(test_idx)
+        else:
+            splits = {"train": train}
+        splits.update({k: v for k, v in given.items() if k != "train"})
+        if self.limit is not None:
+            splits["train"] = splits["train"].subset(
+                limit_per_class(splits["train"].labels, self.limit, self.seed)
+            )
+        self.classes, self.splits = classes, splits
+        log.info(
+            "data: %d classes; train %d, val %d, test %d images",
+            len(classes),
+            *(len(splits.get(s, ())) for s in ("train", "val", "test")),
+        )
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def counts(self) -> dict[str, int]:
+        """Training-set counts the fine-tuning policy uses."""
+        per_class = np.bincount(self.splits["train"].labels, minlength=self.num_classes)
+        return {
+            "train_size": int(per_class.sum()),
+            "min_per_class": int(per_class.min()),
+            "median_per_class": int(np.median(per_class)),
+            "num_classes": self.num_classes,
+        }
+
+    def set_preprocessing(self, preprocessing: Mapping[str, Any]) -> None:
+        """Take mean/std/interpolation from the model; resolution and crop from the data."""
+        self.preprocessing = {
+            **preprocessing,
+            "image_size": self.image_size,
+            "crop_pct": self.crop_pct,
+        }
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        if split not in self.splits:
+            self.setup()
+        if self.preprocessing is None:
+            raise RuntimeError("call set_preprocessing(model.preprocessing) before training")
+        tf = build_transform(self.preprocessing, train=train, augment=self.augment)
+        return DataLoader(
+            ImageDataset(self.splits[split], tf),
+            batch_size=self.batch_size,
+            shuffle=train,
+            # only drop a last batch of one image (BatchNorm cannot train on it)
+            drop_last=train and len(self.splits[split]) % self.batch_size == 1,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+
+class AnimalMNISTDataModule(ImageDataModule):
+    """The 10,000 Animal-MNIST silhouettes (10 classes) shipped by ``animal-mnist``."""
+
+    def load_source(self) -> tuple[list[str], dict[str, Samples]]:
+        images, labels = load_animal_mnist()
+        return list(ANIMAL_CLASSES), {"train": Samples(labels=labels, images=images)}
+
+
+class ImageFolderDataModule(ImageDataModule):
+    """Your own images: ``root/<class>/...`` or ``root/{train,val,test}/<class>/...``.
+
+    Args:
+        root: the folder.
+        on_bad_image: ``skip`` unreadable files (counted in the log) or ``fail``.
+        **kwargs: see :class:`ImageDataModule`.
+    """
+
+    def __init__(self, root: str | Path, on_bad_image: str = "skip", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.root, self.on_bad_image = Path(root), on_bad_image
+
+    def load_source(self) -> tuple[list[str], dict[str, Samples]]:
+        return scan_image_folder(self.root, self.on_bad_image)

@@ -1,0 +1,100 @@
+"""Labelled image collections and the pure functions that split and subsample them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+@dataclass
+class Samples:
+    """Images of one split with integer labels.
+
+    Either ``images`` (an in-memory ``uint8`` array, ``(N, H, W)`` or ``(N, H, W, C)``)
+    or ``paths`` (image files decoded on access) holds the pixels.
+    """
+
+    labels: np.ndarray
+    images: np.ndarray | None = None
+    paths: list[Path] | None = None
+    bad: list[Path] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: Sequence[int] | np.ndarray) -> Samples:
+        index = np.asarray(index, dtype=np.int64)
+        return Samples(
+            labels=self.labels[index],
+            images=None if self.images is None else self.images[index],
+            paths=None if self.paths is None else [self.paths[i] for i in index],
+        )
+
+    def load(self, i: int) -> Image.Image:
+        """The i-th image as RGB (greyscale, palette, RGBA, 16-bit and CMYK are converted)."""
+        if self.images is not None:
+            return Image.fromarray(self.images[i]).convert("RGB")
+        assert self.paths is not None
+        return to_rgb(Image.open(self.paths[i]))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB (16-bit greyscale is rescaled, alpha dropped)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(image, dtype=np.float64)
+        hi = arr.max() if arr.size and arr.max() > 255 else 255.0
+        image = Image.fromarray((arr * (255.0 / hi)).clip(0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB")
+
+
+def stratified_split(
+    labels: np.ndarray, fractions: Sequence[float], seed: int, class_names: Sequence[str]
+) -> list[np.ndarray]:
+    """Split indices per class into ``[rest, *fractions]`` parts, reproducibly.
+
+    Each class contributes ``round(n * f)`` (at least 1 when ``f > 0``) images to each part,
+    so every class appears in every split.
+
+    Raises:
+        ValueError: a class has too few images for the requested splits.
+    """
+    rng = np.random.default_rng(seed)
+    parts: list[list[np.ndarray]] = [[] for _ in range(len(fractions) + 1)]
+    for c in range(len(class_names)):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[rng.permutation(len(idx))]
+        sizes = [max(1, round(len(idx) * f)) if f > 0 else 0 for f in fractions]
+        if sum(sizes) >= len(idx):
+            needed = sum(sizes) + 1
+            raise ValueError(
+                f"class '{class_names[c]}' has {len(idx)} image(s), too few for a training "
+                f"split plus validation/test fractions {list(fractions)} (needs at least "
+                f"{needed}). Add images, or lower data.val_fraction / data.test_fraction, or "
+                "provide explicit train/val/test folders."
+            )
+        start = 0
+        for k, size in enumerate(sizes, start=1):
+            parts[k].append(idx[start : start + size])
+            start += size
+        parts[0].append(idx[start:])
+    return [np.sort(np.concatenate(p)) if p else np.zeros(0, np.int64) for p in parts]
+
+
+def limit_per_class(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Indices of at most ``n`` images per class, chosen reproducibly."""
+    if n < 1:
+        raise ValueError(f"data.limit_per_class must be >= 1, got {n}; use null for no limit.")
+    rng = np.random.default_rng(seed + 1)
+    keep = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        keep.append(np.sort(idx[rng.permutation(len(idx))[:n]]))
+    return np.sort(np.concatenate(keep))

@@ -1,0 +1,177 @@
+"""``transferkit-finetune`` / ``make finetune``: the Hydra entry point.
+
+``finetune(cfg)`` does the wiring (seed, instantiate, plan, fit, test, summarize) and returns
+the summary and the objects, so tests and sweeps call it in-process.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from transferkit.callbacks.speed import TrainSpeed
+from transferkit.io import write_json
+from transferkit.models.backbone import WeightsUnavailableError
+from transferkit.policy import resolve_plan
+
+log = logging.getLogger("transferkit")
+
+#: Mistakes a user can make in a config or their data: reported without a traceback.
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, WeightsUnavailableError, KeyError)
+DEFAULT_EPOCHS = 5
+VALIDATIONS_PER_RUN = 10
+
+
+def build(cfg: DictConfig) -> dict[str, Any]:
+    """Data, model (with its plan), callbacks, loggers and trainer from a composed config."""
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    counts = dm.counts()
+    model = instantiate(
+        cfg.model,
+        num_classes=dm.num_classes,
+        class_names=dm.classes,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler),
+        _recursive_=False,
+    )
+    finetune_cfg = OmegaConf.to_container(cfg.finetune, resolve=True)
+    plan = resolve_plan(finetune_cfg, counts, model.num_blocks, dm.batch_size)  # type: ignore[arg-type]
+    model.set_plan(plan)
+    dm.set_preprocessing(model.preprocessing)
+    log.info("fine-tuning plan: %s", plan.reason)
+
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    if not loggers:  # the LR monitor needs a logger; with logger=none there is nothing to log to
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    assert isinstance(trainer_cfg, dict)
+    if trainer_cfg.get("max_epochs") is None:
+        trainer_cfg["max_epochs"] = plan.epochs or DEFAULT_EPOCHS
+    if trainer_cfg.get("check_val_every_n_epoch") is None:
+        trainer_cfg["check_val_every_n_epoch"] = max(
+            1, trainer_cfg["max_epochs"] // VALIDATIONS_PER_RUN
+        )
+    trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
+    return {"datamodule": dm, "model": model, "plan": plan, "trainer": trainer}
+
+
+def finetune(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fit, test the best checkpoint, write ``summary.json``; return (summary, objects)."""
+    L.seed_everything(cfg.seed, workers=True)
+    torch.set_float32_matmul_precision("high")
+    objects = build(cfg)
+    dm, model, plan, trainer = (objects[k] for k in ("datamodule", "model", "plan", "trainer"))
+    out_dir = Path(cfg.paths.output_dir)
+
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    fit_seconds = time.perf_counter() - start
+
+    checkpoint = trainer.checkpoint_callback
+    best_path = getattr(checkpoint, "best_model_path", "") or None
+    best_score = getattr(checkpoint, "best_model_score", None)
+    test_metrics: dict[str, float] = {}
+    if cfg.get("test", True) and len(dm.splits.get("test", ())):
+        results = trainer.test(model, datamodule=dm, ckpt_path=best_path, verbose=False)
+        test_metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+
+    speed = next((c for c in trainer.callbacks if isinstance(c, TrainSpeed)), None)
+    summary: dict[str, Any] = {
+        "backbone": cfg.model.backbone,
+        "num_classes": dm.num_classes,
+        "train_size": len(dm.splits["train"]),
+        "val_size": len(dm.splits.get("val", ())),
+        "test_size": len(dm.splits.get("test", ())),
+        "trainable_blocks": plan.max_trainable,
+        "total_blocks": plan.total_blocks,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "epochs": trainer.current_epoch,
+        "global_steps": trainer.global_step,
+        "best_val_acc": None if best_score is None else float(best_score),
+        "test_acc": test_metrics.get("test/acc"),
+        "test_loss": test_metrics.get("test/loss"),
+        "test_acc_top5": test_metrics.get("test/acc_top5"),
+        "fit_seconds": round(fit_seconds, 2),
+        "train_images_per_second": round(speed.images_per_second, 1) if speed else None,
+        "best_checkpoint": best_path,
+        "plan": {
+            **{k: plan.as_dict()[k] for k in ("regime", "trainable_blocks", "total_blocks")},
+            "rule": plan.rule,
+            "schedule": plan.as_dict()["schedule"],
+            "reason": plan.reason,
+            **plan.counts,
+        },
+    }
+    _write_summary(out_dir, summary)
+    return summary, objects
+
+
+@rank_zero_only
+def _write_summary(out_dir: Path, summary: dict[str, Any]) -> None:
+    write_json(out_dir / "summary.json", summary)
+    rows = [
+        (k, summary[k])
+        for k in (
+            "backbone", "train_size", "val_size", "test_size", "trainable_blocks",
+            "total_blocks", "trainable_params", "epochs", "best_val_acc", "test_acc",
+            "fit_seconds", "train_images_per_second",
+        )
+    ]  # fmt: skip
+    rows.insert(0, ("plan", summary["plan"]["reason"]))
+    width = max(len(k) for k, _ in rows)
+    lines = [f"  {k:<{width}}  {_fmt(v)}" for k, v in rows]
+    print("\ntransferkit summary\n" + "\n".join(lines) + f"\n  written to {out_dir}/summary.json")
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float) and not math.isnan(v):
+        return f"{v:.4f}" if v < 10 else f"{v:,.1f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def run_cli(task: Any) -> Any:
+    """Run ``task``; user errors end with a one-line message and exit code 2.
+
+    ``TRANSFERKIT_DEBUG=1`` re-raises them with the full traceback.
+    """
+    try:
+        return task()
+    except Exception as e:
+        cause: BaseException | None = e  # Hydra's instantiate wraps errors: find the user's one
+        while cause is not None and not isinstance(cause, USER_ERRORS):
+            cause = cause.__cause__
+        if cause is None or os.environ.get("TRANSFERKIT_DEBUG"):
+            raise
+        print(f"error: {cause}\n(set TRANSFERKIT_DEBUG=1 for the traceback)", file=sys.stderr)
+        sys.exit(2)
+
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="finetune")
+def main(cfg: DictConfig) -> float | None:
+    summary, _ = run_cli(lambda: finetune(cfg))
+    return summary.get("test_acc")
+
+
+if __name__ == "__main__":
+    main()

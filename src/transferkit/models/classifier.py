@@ -1,0 +1,294 @@
+"""The LightningModule: a timm backbone, a replaceable head, a fine-tuning plan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from timm.data import resolve_data_config
+from torch import nn
+from torch.optim import Optimizer
+from torchmetrics.classification import MulticlassAccuracy
+
+from transferkit.models.backbone import create_backbone
+from transferkit.models.finetuning import (
+    backbone_blocks,
+    batchnorm_param_names,
+    frozen_stat_modules,
+    param_groups,
+    trainable_names,
+)
+from transferkit.policy import Plan
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HEAD = {"_target_": "transferkit.models.heads.LinearHead", "_partial_": True}
+
+
+class ImageClassifier(L.LightningModule):
+    """Fine-tune a timm backbone with a replaceable head.
+
+    Args:
+        backbone: timm model name.
+        num_classes: number of classes.
+        head: Hydra config of the head (``_target_`` with ``_partial_: true``; it is called
+            with ``in_features, num_classes``). Stored as plain data in the checkpoint.
+        weights: ``embedded``, ``hub``, ``none`` or a file path (see ``create_backbone``).
+            Not stored: a checkpoint already holds the weights.
+        pretrained: ``true`` means ``weights=hub`` (timm's ``pretrained=True``).
+        drop_rate: timm's dropout before the classifier.
+        drop_path_rate: timm's stochastic depth.
+        class_names: names of the classes, in label order.
+        image_size: input resolution.
+        crop_pct: evaluation centre-crop fraction.
+        label_smoothing: cross-entropy label smoothing.
+        l1: weight λ of the L1 penalty λ·Σ|w|.
+        l1_scope: which parameters the L1 penalty covers: ``head``, ``weights`` (trainable
+            weights, no biases or norms) or ``all`` (every trainable parameter).
+        decay_norm_and_bias: apply weight decay to norm weights and biases too.
+        optimizer: ``functools.partial`` of a torch optimizer (gets the parameter groups).
+        scheduler: Hydra scheduler node ``{scheduler: partial, interval, monitor}``.
+        plan: the fine-tuning plan (default: everything trains).
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        num_classes: int,
+        head: Mapping[str, Any] | None = None,
+        weights: str | None = "none",
+        pretrained: bool = False,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        class_names: list[str] | None = None,
+        image_size: int = 224,
+        crop_pct: float = 1.0,
+        label_smoothing: float = 0.0,
+        l1: float = 0.0,
+        l1_scope: str = "weights",
+        decay_norm_and_bias: bool = False,
+        optimizer: Callable[..., Optimizer] | None = None,
+        scheduler: Mapping[str, Any] | None = None,
+        plan: Plan | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(head, DictConfig):
+            head = OmegaConf.to_container(head, resolve=True)  # type: ignore[assignment]
+        head = dict(head or DEFAULT_HEAD)
+        if class_names is not None:
+            class_names = list(class_names)
+            if len(class_names) != num_classes:
+                raise ValueError(
+                    f"{len(class_names)} class names given for num_classes={num_classes}."
+                )
+        if l1_scope not in ("head", "weights", "all"):
+            raise ValueError(f"l1_scope={l1_scope!r}; choose 'head', 'weights' or 'all'.")
+        self.save_hyperparameters(
+            ignore=["weights", "pretrained", "optimizer", "scheduler", "plan"]
+        )
+        self.backbone = create_backbone(
+            backbone, "hub" if pretrained else weights, drop_rate, drop_path_rate
+        )
+        self.head = hydra.utils.instantiate(head)(self.backbone.num_features, num_classes)
+        self.blocks = backbone_blocks(self.backbone)
+        self._bn_params = batchnorm_param_names(self.backbone)
+        self.optimizer_factory = optimizer
+        self.scheduler_cfg = scheduler
+        self._eval_bns: list[nn.Module] = []
+        self._wrap_trainable: set[int] | None = None
+        self.current_trainable = -1
+        self.plan = plan or Plan("full", len(self.blocks), len(self.blocks))
+        self.set_plan(self.plan)
+
+        data_cfg = resolve_data_config({}, model=self.backbone)
+        self.preprocessing = {
+            "mean": [float(v) for v in data_cfg["mean"]],
+            "std": [float(v) for v in data_cfg["std"]],
+            "interpolation": data_cfg["interpolation"],
+            "image_size": image_size,
+            "crop_pct": crop_pct,
+        }
+        acc = lambda k: MulticlassAccuracy(num_classes, top_k=k, average="micro")  # noqa: E731
+        self.train_acc, self.val_acc, self.test_acc = acc(1), acc(1), acc(1)
+        self.top5 = num_classes > 5
+        if self.top5:
+            self.val_acc5, self.test_acc5 = acc(5), acc(5)
+
+    # -- fine-tuning plan --------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def set_plan(self, plan: Plan) -> None:
+        """Adopt a plan and apply its starting point (call before ``Trainer.fit``)."""
+        if plan.total_blocks != self.num_blocks:
+            raise ValueError(
+                f"plan is for {plan.total_blocks} blocks, backbone has {self.num_blocks}."
+            )
+        self.plan = plan
+        self.apply_trainable(plan.trainable_blocks)
+
+    def apply_trainable(self, k: int) -> None:
+        """Make the last ``k`` blocks (and the head) trainable, freeze the rest for real:
+        ``requires_grad=False`` and, per the plan's BatchNorm mode, statistics fixed."""
+        names = trainable_names(self.blocks, k, self._bn_params, self.plan.bn_mode)
+        for n, p in self.backbone.named_parameters():
+            p.requires_grad_(n in names)
+        for p in self.head.parameters():
+            p.requires_grad_(True)
+        self._eval_bns = list(
+            frozen_stat_modules(
+                self.backbone, self.blocks, k, self.plan.bn_mode, self.plan.trainable_bn_stats
+            )
+        )
+        self.current_trainable = k
+        if self.training:
+            self.train()
+
+    def train(self, mode: bool = True) -> ImageClassifier:
+        """Like ``nn.Module.train``, but BatchNorm the plan freezes stays in eval mode."""
+        super().train(mode)
+        if mode:
+            for m in self._eval_bns:
+                m.eval()
+        return self
+
+    # -- forward and steps --------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    def l1_penalty(self) -> torch.Tensor:
+        """Σ|w| over the parameters ``l1_scope`` selects (trainable ones only)."""
+        return sum(
+            (p.abs().sum() for p in self.l1_parameters()),
+            torch.zeros((), device=self.device),
+        )
+
+    def l1_parameters(self) -> list[nn.Parameter]:
+        scope = self.hparams["l1_scope"]
+        named = [(f"head.{n}", p) for n, p in self.head.named_parameters()]
+        if scope != "head":
+            named += [(f"backbone.{n}", p) for n, p in self.backbone.named_parameters()]
+        out = [p for _, p in named if p.requires_grad]
+        if scope == "weights":
+            out = [p for p in out if p.ndim > 1]
+        return out
+
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if y.ndim == 2:  # soft targets (mixup / cutmix, label smoothing already inside)
+            return torch.sum(-y * F.log_softmax(logits, dim=-1), dim=-1).mean()
+        return F.cross_entropy(logits, y, label_smoothing=self.hparams["label_smoothing"])
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> Any:
+        x, y = batch
+        logits = self(x)
+        loss = self._loss(logits, y)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
+        if self.hparams["l1"]:
+            l1 = self.hparams["l1"] * self.l1_penalty()
+            self.log("train/l1", l1, on_step=False, on_epoch=True, sync_dist=True)
+            loss = loss + l1
+        hard = y.argmax(-1) if y.ndim == 2 else y
+        self.train_acc(logits, hard)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, y), prog_bar=True, sync_dist=True)
+        acc = getattr(self, f"{stage}_acc")
+        acc(logits, y)
+        self.log(f"{stage}/acc", acc, prog_bar=True)
+        if self.top5:
+            acc5 = getattr(self, f"{stage}_acc5")
+            acc5(logits, y)
+            self.log(f"{stage}/acc_top5", acc5)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self(x).softmax(-1)
+
+    # -- optimisation -------------------------------------------------------------------
+    def configure_callbacks(self) -> list[L.Callback]:
+        from transferkit.callbacks.unfreeze import FinetuneSchedule
+
+        return [FinetuneSchedule()]
+
+    def configure_optimizers(self) -> Any:
+        if self.optimizer_factory is None:
+            raise ValueError(
+                "no optimizer configured; pass optimizer=partial(torch.optim.Adam, ...)"
+            )
+        kw = getattr(self.optimizer_factory, "keywords", {})
+        lr = float(kw.get("lr", 1e-3))
+        groups = param_groups(
+            self.backbone,
+            self.head,
+            self.blocks,
+            trainable_names(
+                self.blocks, self.plan.max_trainable, self._bn_params, self.plan.bn_mode
+            ),
+            lr=lr,
+            weight_decay=float(kw.get("weight_decay", 0.0)),
+            layer_decay=self.plan.layer_decay,
+            decay_norm_and_bias=self.hparams["decay_norm_and_bias"],
+        )
+        optimizer = self.optimizer_factory(groups)
+        if not self.scheduler_cfg or self.scheduler_cfg.get("scheduler") is None:
+            return optimizer
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = self.scheduler_cfg["scheduler"](optimizer, total_steps=total)
+        config = {"scheduler": scheduler, "interval": self.scheduler_cfg.get("interval", "step")}
+        if self.scheduler_cfg.get("monitor"):
+            config["monitor"] = self.scheduler_cfg["monitor"]
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+    def on_fit_start(self) -> None:
+        # What DDP saw as trainable when it wrapped the model: only these are all-reduced.
+        self._wrap_trainable = {id(p) for p in self.parameters() if p.requires_grad}
+
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        """All-reduce gradients of parameters unfrozen after DDP wrapped the model.
+
+        DDP only synchronises parameters that required grad at wrap time; without this,
+        replicas drift apart after an unfreeze (Lightning's BackboneFinetuning does).
+        """
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return
+        wrapped = self._wrap_trainable or set()
+        late = [
+            p
+            for p in self.parameters()
+            if p.requires_grad and p.grad is not None and id(p) not in wrapped
+        ]
+        if not late:
+            return
+        flat = torch.cat([p.grad.reshape(-1) for p in late])  # type: ignore[union-attr]
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        offset = 0
+        for p in late:
+            n = p.numel()
+            p.grad.copy_(flat[offset : offset + n].view_as(p))  # type: ignore[union-attr]
+            offset += n
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["transferkit"] = {
+            "plan": self.plan.as_dict(),
+            "preprocessing": self.preprocessing,
+            "class_names": self.hparams.get("class_names"),
+        }

@@ -1,0 +1,58 @@
+"""Learning-rate schedules with one contract: ``factory(optimizer, total_steps, **options)``.
+
+Hydra configs in ``conf/scheduler/`` select them with ``_partial_: true``; the module passes
+the optimizer and the number of optimizer steps (``trainer.estimated_stepping_batches``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR, ReduceLROnPlateau
+
+
+def cosine_with_warmup(
+    optimizer: Optimizer, total_steps: int, warmup_fraction: float = 0.05, min_factor: float = 0.0
+) -> LRScheduler:
+    """Linear warm-up to each group's LR, then cosine decay to ``min_factor`` of it."""
+    warmup = int(warmup_fraction * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        t = (step - warmup) / max(1, total_steps - warmup)
+        return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    return LambdaLR(optimizer, factor)
+
+
+def one_cycle(optimizer: Optimizer, total_steps: int, pct_start: float = 0.3) -> LRScheduler:
+    """OneCycleLR peaking at each group's own LR (layer-wise LRs are kept)."""
+    return OneCycleLR(
+        optimizer,
+        max_lr=[g["lr"] for g in optimizer.param_groups],
+        total_steps=max(1, int(total_steps)),
+        pct_start=pct_start,
+    )
+
+
+def step_decay(
+    optimizer: Optimizer, total_steps: int, every_fraction: float = 0.33, gamma: float = 0.1
+) -> LRScheduler:
+    """Multiply every LR by ``gamma`` each ``every_fraction`` of training."""
+    every = max(1, int(every_fraction * total_steps))
+    return LambdaLR(optimizer, lambda step: gamma ** (step // every))
+
+
+def plateau(
+    optimizer: Optimizer,
+    total_steps: int,
+    factor: float = 0.1,
+    patience: int = 1,
+    mode: Literal["min", "max"] = "min",
+) -> ReduceLROnPlateau:
+    """Reduce every LR by ``factor`` when the monitored metric stops improving (per epoch)."""
+    del total_steps
+    return ReduceLROnPlateau(optimizer, mode=mode, factor=factor, patience=patience)

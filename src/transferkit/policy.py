@@ -1,0 +1,217 @@
+"""Fine-tuning plans: how much of the backbone trains, when, and at which learning rates.
+
+``resolve_plan`` is a pure function of the ``finetune`` config, the training-set counts and
+the backbone's number of blocks. For ``regime: auto`` it walks the YAML rule table of
+``conf/finetune/auto.yaml`` and takes the first row that matches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+REGIMES = ("linear_probe", "partial", "full", "gradual", "lp_ft")
+BN_MODES = ("frozen", "adapt", "train")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What trains when.
+
+    Attributes:
+        regime: one of ``REGIMES``.
+        total_blocks: blocks of the backbone (timm ``group_matcher`` groups).
+        trainable_blocks: blocks (counted from the top) that train from the start.
+        schedule: ``(epoch, blocks)`` steps: from ``epoch`` on, the last ``blocks`` train.
+        bn_mode: BatchNorm of frozen blocks: ``frozen`` (statistics and affine fixed),
+            ``adapt`` (statistics update) or ``train`` (statistics and affine train).
+        trainable_bn_stats: whether BatchNorm of trainable blocks updates its statistics
+            (``lp_ft`` keeps them fixed so the probed head keeps seeing the same features).
+        layer_decay: LR of block ``i`` from the top is ``lr · layer_decay ** (i + 1)``.
+        ft_lr_scale: every LR is multiplied by this from the first schedule step on.
+        epochs: suggested epoch budget (None: the trainer's ``max_epochs``).
+        rule: the row of the rule table that chose this plan (``auto`` only).
+        counts: training-set counts the decision used.
+        reason: one line for the log.
+    """
+
+    regime: str
+    total_blocks: int
+    trainable_blocks: int
+    schedule: tuple[tuple[int, int], ...] = ()
+    bn_mode: str = "frozen"
+    trainable_bn_stats: bool = True
+    layer_decay: float = 1.0
+    ft_lr_scale: float = 1.0
+    epochs: int | None = None
+    rule: dict[str, Any] | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+    reason: str = ""
+
+    def trainable_at(self, epoch: int) -> int:
+        """Blocks trainable during ``epoch`` (0-based)."""
+        k = self.trainable_blocks
+        for start, blocks in self.schedule:
+            if epoch >= start:
+                k = blocks
+        return k
+
+    def lr_scale_at(self, epoch: int) -> float:
+        """LR multiplier during ``epoch`` (``ft_lr_scale`` after the first schedule step)."""
+        if self.schedule and epoch >= self.schedule[0][0]:
+            return self.ft_lr_scale
+        return 1.0
+
+    @property
+    def max_trainable(self) -> int:
+        """The most blocks that ever train: they all get optimizer groups from the start."""
+        return max([self.trainable_blocks, *(b for _, b in self.schedule)])
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["schedule"] = [list(s) for s in self.schedule]
+        return d
+
+
+def parse_blocks(value: Any, total: int, key: str = "finetune.trainable_blocks") -> int:
+    """``all`` → total; an int in [0, total]; a float in (0, 1) → that share of blocks.
+
+    Raises:
+        ValueError: anything else, naming the valid forms.
+    """
+    if isinstance(value, str) and value.lower() == "all":
+        return total
+    if isinstance(value, float) and 0.0 < value < 1.0:
+        return max(1, round(value * total))
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if number and float(value).is_integer() and 0 <= value <= total:
+        return int(value)
+    raise ValueError(
+        f"{key}={value!r} is not valid for a backbone with {total} blocks: give an integer "
+        f"0..{total} (0 = linear probe), a fraction in (0, 1), or 'all'."
+    )
+
+
+def epochs_for_steps(steps: int, train_size: int, batch_size: int) -> int:
+    """Epochs that give at least ``steps`` optimizer steps."""
+    per_epoch = max(1, math.ceil(train_size / batch_size))
+    return max(1, math.ceil(steps / per_epoch))
+
+
+def match_rule(rules: list[Mapping[str, Any]], counts: Mapping[str, int]) -> Mapping[str, Any]:
+    """The first row whose bounds hold: ``max_per_class`` (median images per class) and
+    ``max_train_size``; a row without bounds matches everything.
+
+    Raises:
+        ValueError: no row matches (the table needs a catch-all last row).
+    """
+    for row in rules:
+        if "max_per_class" in row and counts["median_per_class"] > row["max_per_class"]:
+            continue
+        if "max_train_size" in row and counts["train_size"] > row["max_train_size"]:
+            continue
+        return row
+    raise ValueError(
+        f"no row of finetune.rules matches {dict(counts)}; end the table with a row without bounds."
+    )
+
+
+def resolve_plan(
+    cfg: Mapping[str, Any], counts: Mapping[str, int], total_blocks: int, batch_size: int = 64
+) -> Plan:
+    """Turn the ``finetune`` config into a :class:`Plan`.
+
+    Args:
+        cfg: the ``finetune`` config node (``regime`` and its options).
+        counts: ``train_size``, ``min_per_class``, ``median_per_class`` of the training split.
+        total_blocks: blocks of the backbone.
+        batch_size: images per step, to turn a row's ``steps`` into epochs.
+
+    Raises:
+        ValueError: unknown regime or BatchNorm mode, or an invalid block count.
+    """
+    regime = cfg.get("regime", "partial")
+    rule: dict[str, Any] | None = None
+    settings: dict[str, Any] = dict(cfg)
+    if regime == "auto":
+        rule = dict(match_rule(list(cfg["rules"]), counts))
+        settings = {**settings, **{k: v for k, v in rule.items() if not k.startswith("max_")}}
+        regime = settings["regime"]
+    if regime not in REGIMES:
+        raise ValueError(
+            f"finetune.regime={regime!r} is unknown; choose one of {[*REGIMES, 'auto']} "
+            "(e.g. finetune=partial)."
+        )
+    bn_mode = settings.get("bn_mode", "frozen")
+    if bn_mode not in BN_MODES:
+        raise ValueError(f"finetune.bn_mode={bn_mode!r} is unknown; choose one of {BN_MODES}.")
+    total = total_blocks
+    schedule: tuple[tuple[int, int], ...] = ()
+    ft_lr_scale = 1.0
+    trainable_bn_stats = bool(settings.get("trainable_bn_stats", True))
+    if regime == "linear_probe":
+        start = 0
+    elif regime == "full":
+        start = total
+    elif regime == "partial":
+        start = parse_blocks(settings.get("trainable_blocks", "all"), total)
+    elif regime == "gradual":
+        start = parse_blocks(settings.get("trainable_blocks", 0), total)
+        final = parse_blocks(settings.get("final_blocks", "all"), total, "finetune.final_blocks")
+        every = int(settings.get("every_n_epochs", 1))
+        step = int(settings.get("blocks_per_step", 1))
+        if every < 1 or step < 1:
+            raise ValueError("finetune.every_n_epochs and finetune.blocks_per_step must be >= 1.")
+        k, epoch, steps = start, 0, []
+        while k < final:
+            epoch += every
+            k = min(final, k + step)
+            steps.append((epoch, k))
+        schedule = tuple(steps)
+    else:  # lp_ft
+        start = 0
+        lp_epochs = int(settings.get("lp_epochs", 1))
+        schedule = ((lp_epochs, parse_blocks(settings.get("final_blocks", "all"), total)),)
+        ft_lr_scale = float(settings.get("ft_lr_scale", 0.1))
+    epochs = None
+    if settings.get("steps"):
+        epochs = epochs_for_steps(int(settings["steps"]), counts["train_size"], batch_size)
+    plan = Plan(
+        regime=regime,
+        total_blocks=total,
+        trainable_blocks=start,
+        schedule=schedule,
+        bn_mode=bn_mode,
+        trainable_bn_stats=trainable_bn_stats,
+        layer_decay=float(settings.get("layer_decay", 1.0)),
+        ft_lr_scale=ft_lr_scale,
+        epochs=epochs,
+        rule=rule,
+        counts=dict(counts),
+    )
+    return _with_reason(plan, settings.get("why"))
+
+
+def _with_reason(plan: Plan, why: str | None) -> Plan:
+    c = plan.counts
+    what = {
+        "linear_probe": "linear probe: backbone frozen, head trains",
+        "full": f"full: all {plan.total_blocks} blocks trainable",
+        "partial": f"partial: last {plan.trainable_blocks} of {plan.total_blocks} blocks trainable",
+        "gradual": f"gradual: {plan.trainable_blocks} → {plan.max_trainable} of "
+        f"{plan.total_blocks} blocks, unfreezing at epochs {[e for e, _ in plan.schedule]}",
+        "lp_ft": f"lp_ft: linear probe, then {plan.max_trainable} of {plan.total_blocks} blocks "
+        f"from epoch {plan.schedule[0][0] if plan.schedule else 0} at "
+        f"{plan.ft_lr_scale}× LR",
+    }[plan.regime]
+    counts = ""
+    if c:
+        counts = (
+            f"{c['train_size']:,} training images, {c['median_per_class']:,} per class "
+            f"(min {c['min_per_class']:,}) → "
+        )
+    because = f", because {why}" if why else (" (rule table)" if plan.rule else " (configured)")
+    reason = f"{counts}{what}{because}"
+    return Plan(**{**plan.__dict__, "reason": reason})

@@ -1,0 +1,113 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from transferkit.data import AnimalMNISTDataModule, ImageFolderDataModule
+from transferkit.data.animal_mnist import CLASSES, load_animal_mnist
+from transferkit.data.image_folder import scan_image_folder
+from transferkit.data.samples import limit_per_class, stratified_split
+from transferkit.data.transforms import Cutout
+
+from .conftest import write_images
+
+
+def test_stratified_split_is_balanced_disjoint_and_seeded():
+    labels = np.repeat(np.arange(4), 50)
+    a = stratified_split(labels, [0.1, 0.2], seed=1, class_names=list("abcd"))
+    b = stratified_split(labels, [0.1, 0.2], seed=1, class_names=list("abcd"))
+    c = stratified_split(labels, [0.1, 0.2], seed=2, class_names=list("abcd"))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not np.array_equal(a[1], c[1])
+    train, val, test = a
+    assert len(set(train) | set(val) | set(test)) == 200
+    assert np.bincount(labels[val]).tolist() == [5] * 4
+    assert np.bincount(labels[test]).tolist() == [10] * 4
+
+
+def test_split_with_too_few_images_names_the_class():
+    labels = np.array([0] * 20 + [1] * 2)
+    with pytest.raises(ValueError, match=r"class 'rare' has 2 image\(s\).*val_fraction"):
+        stratified_split(labels, [0.1, 0.1], seed=0, class_names=["common", "rare"])
+
+
+def test_limit_per_class():
+    labels = np.repeat(np.arange(3), [5, 20, 30])
+    idx = limit_per_class(labels, 10, seed=0)
+    assert np.bincount(labels[idx]).tolist() == [5, 10, 10]
+
+
+def test_animal_mnist_reads_the_package_files():
+    images, labels = load_animal_mnist()
+    assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
+    assert np.bincount(labels).tolist() == [1000] * len(CLASSES)
+    dm = AnimalMNISTDataModule(limit_per_class=10, seed=3)
+    dm.setup()
+    assert dm.counts() == {
+        "train_size": 100,
+        "min_per_class": 10,
+        "median_per_class": 10,
+        "num_classes": 10,
+    }
+    assert len(dm.splits["val"]) == 1000 and len(dm.splits["test"]) == 1000
+    dm.set_preprocessing({"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic"})
+    x, _ = next(iter(dm.train_dataloader()))
+    assert x.shape == (64, 3, 64, 64)
+    assert (x[:, 0] == x[:, 1]).all(), "greyscale becomes 3 equal channels"
+
+
+def test_image_folder_with_explicit_splits(tmp_path):
+    for split, n in (("train", 6), ("val", 2), ("test", 3)):
+        write_images(tmp_path / split, ["a", "b"], per_class=n)
+    dm = ImageFolderDataModule(root=tmp_path)
+    dm.setup()
+    assert dm.classes == ["a", "b"]
+    assert [len(dm.splits[s]) for s in ("train", "val", "test")] == [12, 4, 6]
+
+
+def test_missing_root_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"data.root=.*missing.*is not a directory"):
+        scan_image_folder(tmp_path / "missing")
+
+
+def test_one_class_is_a_clear_error(tmp_path):
+    write_images(tmp_path, ["only"], per_class=4)
+    with pytest.raises(ValueError, match="at least 2"):
+        scan_image_folder(tmp_path)
+
+
+def test_empty_root_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no class sub-folders"):
+        scan_image_folder(tmp_path)
+
+
+def test_odd_image_modes_are_converted_and_bad_files_skipped_or_fatal(tmp_path):
+    write_images(tmp_path, ["a", "b"], per_class=3)
+    Image.new("L", (10, 10), 128).save(tmp_path / "a" / "grey.png")
+    Image.new("RGBA", (10, 10), (1, 2, 3, 4)).save(tmp_path / "a" / "rgba.png")
+    Image.new("P", (10, 10)).save(tmp_path / "a" / "palette.png")
+    Image.new("I;16", (10, 10), 40000).save(tmp_path / "b" / "deep.png")
+    Image.new("CMYK", (10, 10), (0, 50, 100, 0)).save(tmp_path / "b" / "cmyk.jpg")
+    (tmp_path / "b" / "notes.txt").write_text("not an image")
+    good = tmp_path / "b" / "000.png"
+    (tmp_path / "b" / "truncated.png").write_bytes(good.read_bytes()[:60])
+    _, splits = scan_image_folder(tmp_path, on_bad_image="skip")
+    train = splits["train"]
+    assert len(train) == 6 + 5 and len(train.bad) == 2
+    for i in range(len(train)):
+        assert train.load(i).mode == "RGB"
+    with pytest.raises(ValueError, match="on_bad_image=skip"):
+        scan_image_folder(tmp_path, on_bad_image="fail")
+
+
+def test_cutout_zeroes_the_expected_area():
+    import torch
+
+    torch.manual_seed(0)
+    img = torch.ones(3, 64, 64)
+    out = Cutout(size=8, n_holes=1)(img)
+    zeros = (out[0] == 0).sum().item()
+    assert 0 < zeros <= 64  # 8x8 inside the image, less where it crosses the border
+    # a hole centred well inside the image zeroes exactly size*size pixels on every channel
+    torch.manual_seed(1)
+    counts = [(Cutout(size=8)(img)[0] == 0).sum().item() for _ in range(50)]
+    assert max(counts) == 64 and all(c <= 64 for c in counts)

@@ -1,0 +1,92 @@
+"""The rule table in conf/finetune/auto.yaml, as users read and edit it, gives these plans."""
+
+import pytest
+from omegaconf import OmegaConf
+
+from transferkit.policy import Plan, parse_blocks, resolve_plan
+
+from .conftest import CONF_DIR
+
+AUTO = OmegaConf.to_container(OmegaConf.load(f"{CONF_DIR}/finetune/auto.yaml"))
+
+
+def counts(per_class: int, classes: int = 10) -> dict:
+    return {
+        "train_size": per_class * classes,
+        "min_per_class": per_class,
+        "median_per_class": per_class,
+        "num_classes": classes,
+    }
+
+
+@pytest.mark.parametrize(
+    ("per_class", "regime", "blocks", "epochs"),
+    [
+        (1, "partial", 4, 150),  # 10 images: 1 step/epoch at batch 64 -> 150 epochs
+        (10, "partial", 4, 75),  # 100 images: 2 steps per epoch
+        (30, "partial", 4, 30),
+        (31, "partial", 4, 30),
+        (100, "partial", 4, 10),
+        (300, "partial", 4, 4),
+        (301, "partial", 6, 8),
+        (800, "partial", 6, 3),
+        (5000, "partial", 6, 1),
+    ],
+)
+def test_rule_table(per_class, regime, blocks, epochs):
+    plan = resolve_plan(AUTO, counts(per_class), total_blocks=17, batch_size=64)
+    assert (plan.regime, plan.trainable_blocks, plan.epochs) == (regime, blocks, epochs)
+    assert plan.rule is not None and plan.rule["regime"] == regime
+    assert f"{per_class * 10:,} training images" in plan.reason
+
+
+def test_first_matching_row_wins_and_catch_all_is_required():
+    rules = [
+        {"max_per_class": 5, "regime": "linear_probe"},
+        {"max_train_size": 1000, "regime": "lp_ft"},
+        {"regime": "full"},
+    ]
+    assert resolve_plan({"regime": "auto", "rules": rules}, counts(5), 10).regime == "linear_probe"
+    assert resolve_plan({"regime": "auto", "rules": rules}, counts(50), 10).regime == "lp_ft"
+    assert resolve_plan({"regime": "auto", "rules": rules}, counts(500), 10).regime == "full"
+    with pytest.raises(ValueError, match="end the table with a row without bounds"):
+        resolve_plan({"regime": "auto", "rules": rules[:1]}, counts(50), 10)
+
+
+def test_gradual_and_lp_ft_schedules():
+    g = resolve_plan(
+        {"regime": "gradual", "trainable_blocks": 0, "every_n_epochs": 2, "blocks_per_step": 3,
+         "final_blocks": 7},
+        counts(10), 10,
+    )  # fmt: skip
+    assert g.schedule == ((2, 3), (4, 6), (6, 7))
+    assert [g.trainable_at(e) for e in range(8)] == [0, 0, 3, 3, 6, 6, 7, 7]
+    assert g.max_trainable == 7
+    lp = resolve_plan({"regime": "lp_ft", "lp_epochs": 2, "ft_lr_scale": 0.1}, counts(10), 10)
+    assert [lp.trainable_at(e) for e in range(4)] == [0, 0, 10, 10]
+    assert [lp.lr_scale_at(e) for e in range(4)] == [1.0, 1.0, 0.1, 0.1]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [(0, 0), (3, 3), ("all", 17), ("ALL", 17), (0.25, 4), (17, 17)]
+)
+def test_parse_blocks(value, expected):
+    assert parse_blocks(value, 17) == expected
+
+
+@pytest.mark.parametrize("value", [-1, 18, "half", 1.5, True])
+def test_parse_blocks_rejects_with_the_valid_forms(value):
+    with pytest.raises(ValueError, match=r"integer 0..17.*fraction.*'all'"):
+        parse_blocks(value, 17)
+
+
+def test_unknown_regime_and_bn_mode_list_the_choices():
+    with pytest.raises(ValueError, match=r"finetune.regime='deep'.*linear_probe"):
+        resolve_plan({"regime": "deep"}, counts(10), 10)
+    with pytest.raises(ValueError, match=r"bn_mode='x'.*frozen"):
+        resolve_plan({"regime": "full", "bn_mode": "x"}, counts(10), 10)
+
+
+def test_plan_dict_roundtrip():
+    p = resolve_plan({"regime": "lp_ft"}, counts(10), 10)
+    assert Plan(**{**p.as_dict(), "schedule": tuple(map(tuple, p.as_dict()["schedule"]))}) == p
