@@ -25,6 +25,10 @@ class Plan:
         total_blocks: blocks of the backbone (timm ``group_matcher`` groups).
         trainable_blocks: blocks (counted from the top) that train from the start.
         schedule: ``(epoch, blocks)`` steps: from ``epoch`` on, the last ``blocks`` train.
+        trigger: ``epochs`` (take the schedule's steps at their epochs) or ``plateau`` (take
+            the next step when the monitored validation metric has not improved for
+            ``patience`` validations; the schedule's epochs are then ignored).
+        patience: validations without improvement before a ``plateau`` step.
         bn_mode: BatchNorm of frozen blocks: ``frozen`` (statistics and affine fixed),
             ``adapt`` (statistics update) or ``train`` (statistics and affine train).
         trainable_bn_stats: whether BatchNorm of trainable blocks updates its statistics
@@ -41,6 +45,8 @@ class Plan:
     total_blocks: int
     trainable_blocks: int
     schedule: tuple[tuple[int, int], ...] = ()
+    trigger: str = "epochs"
+    patience: int = 1
     bn_mode: str = "frozen"
     trainable_bn_stats: bool = True
     layer_decay: float = 1.0
@@ -51,7 +57,7 @@ class Plan:
     reason: str = ""
 
     def trainable_at(self, epoch: int) -> int:
-        """Blocks trainable during ``epoch`` (0-based)."""
+        """Blocks trainable during ``epoch`` (0-based), for ``trigger == "epochs"``."""
         k = self.trainable_blocks
         for start, blocks in self.schedule:
             if epoch >= start:
@@ -63,6 +69,10 @@ class Plan:
         if self.schedule and epoch >= self.schedule[0][0]:
             return self.ft_lr_scale
         return 1.0
+
+    def trainable_at_stage(self, stage: int) -> int:
+        """Blocks trainable after ``stage`` schedule steps (``trigger == "plateau"``)."""
+        return self.schedule[stage - 1][1] if stage > 0 else self.trainable_blocks
 
     @property
     def max_trainable(self) -> int:
@@ -175,6 +185,9 @@ def resolve_plan(
         lp_epochs = int(settings.get("lp_epochs", 1))
         schedule = ((lp_epochs, parse_blocks(settings.get("final_blocks", "all"), total)),)
         ft_lr_scale = float(settings.get("ft_lr_scale", 0.1))
+    trigger = settings.get("trigger", "epochs")
+    if trigger not in ("epochs", "plateau"):
+        raise ValueError(f"finetune.trigger={trigger!r}; choose 'epochs' or 'plateau'.")
     epochs = None
     if settings.get("steps"):
         epochs = epochs_for_steps(int(settings["steps"]), counts["train_size"], batch_size)
@@ -183,6 +196,8 @@ def resolve_plan(
         total_blocks=total,
         trainable_blocks=start,
         schedule=schedule,
+        trigger=trigger,
+        patience=int(settings.get("patience", 1)),
         bn_mode=bn_mode,
         trainable_bn_stats=trainable_bn_stats,
         layer_decay=float(settings.get("layer_decay", 1.0)),
