@@ -34,8 +34,8 @@ def test_ddp_replicas_identical_and_equal_to_single_process(regime, tmp_path):
         assert torch.equal(end0[k], end1[k]), f"{k} differs between ranks"
         torch.testing.assert_close(end0[k], single["end_rank0"][k], rtol=1e-4, atol=1e-5, msg=k)
     # the first 3 of 6 blocks never train: weights and BatchNorm buffers bit-identical
-    frozen = [k for k in start if k.startswith(("backbone.conv_stem", "backbone.bn1",
-                                                "backbone.blocks.0.", "backbone.blocks.1."))]  # fmt: skip
+    prefixes = ("backbone.conv_stem", "backbone.bn1", "backbone.blocks.0.", "backbone.blocks.1.")
+    frozen = [k for k in start if k.startswith(prefixes)]
     assert any("running_mean" in k for k in frozen)
     for k in frozen:
         assert torch.equal(start[k], end0[k]) and torch.equal(start[k], end1[k]), k

@@ -105,9 +105,8 @@ def test_gradual_unfreezes_top_down_with_layerwise_lrs():
         assert seen["trainable"] == _block_names(model, expected_k)
         lrs = seen["lr"]
         # every group exists from the first step, for all blocks that will ever train
-        assert {name.split("/")[0] for name in lrs} == {"head"} | {
-            f"block{i:02d}" for i in range(n)
-        }
+        expected_groups = {"head"} | {f"block{i:02d}" for i in range(n)}
+        assert {name.split("/")[0] for name in lrs} == expected_groups
         for name, lr in lrs.items():
             base = name.split("/")[0]
             depth = None if base == "head" else n - 1 - int(base[5:])
