@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all lint format finetune sweep-depth clean
+.PHONY: help install test test-all lint format finetune sweep-depth clean lr-find
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -36,6 +36,9 @@ format: ## Apply ruff's fixes and formatting
 
 finetune: ## Fine-tune (defaults: embedded EfficientNet-Lite0 on Animal-MNIST); ARGS= Hydra overrides
 	$(VENV)/bin/transferkit-finetune $(ARGS)
+
+lr-find: ## LR range test of the configured model and data (lr_find.png/.json); ARGS= as finetune
+	$(PY) -m transferkit.lr_find $(ARGS)
 
 clean: ## Remove run outputs (outputs/, multirun/)
 	rm -rf outputs multirun lightning_logs

@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from transferkit.callbacks.fit_diagnosis import FitDiagnosis
 from transferkit.callbacks.speed import TrainSpeed
 from transferkit.io import write_json
 from transferkit.models.backbone import WeightsUnavailableError
@@ -78,9 +79,16 @@ def finetune(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     dm, model, plan, trainer = (objects[k] for k in ("datamodule", "model", "plan", "trainer"))
     out_dir = Path(cfg.paths.output_dir)
 
+    lr_find = None
+    if cfg.get("tune") and cfg.tune.get("lr_find"):  # range test, then train at its suggestion
+        from transferkit.lr_find import tune_lr
+
+        lr_find = tune_lr(cfg, objects)
     start = time.perf_counter()
     trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
     fit_seconds = time.perf_counter() - start
+    # Before testing: restoring the best checkpoint also restores the callbacks' state.
+    fit = next((c.result() for c in trainer.callbacks if isinstance(c, FitDiagnosis)), None)
 
     checkpoint = trainer.checkpoint_callback
     best_path = getattr(checkpoint, "best_model_path", "") or None
@@ -110,6 +118,9 @@ def finetune(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         "fit_seconds": round(fit_seconds, 2),
         "train_images_per_second": round(speed.images_per_second, 1) if speed else None,
         "best_checkpoint": best_path,
+        "fit": fit and fit["fit"],  # overfitting | underfitting | ok (FitDiagnosis callback)
+        "fit_evidence": fit and fit["evidence"],
+        "lr_find": lr_find,
         "plan": {
             **{k: plan.as_dict()[k] for k in ("regime", "trainable_blocks", "total_blocks")},
             "rule": plan.rule,

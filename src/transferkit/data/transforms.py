@@ -1,4 +1,5 @@
-"""Transforms built from timm's data config of the backbone, plus Cutout."""
+"""Transforms built from timm's data config of the backbone, plus Cutout and the batch-level
+mixup / CutMix the LightningModule applies in its training step."""
 
 from __future__ import annotations
 
@@ -6,8 +7,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from timm.data import create_transform
+from timm.data import Mixup, create_transform
+from timm.data.mixup import mixup_target
 from torchvision import transforms as T
+
+#: Keys of an ``augment`` config that are not per-image ``create_transform`` options.
+BATCH_KEYS = ("mixup",)
 
 
 class Cutout(torch.nn.Module):
@@ -50,7 +55,8 @@ def build_transform(
         preprocessing: ``image_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``.
         train: training transform (augmentation) or evaluation transform.
         augment: keyword arguments for timm's ``create_transform`` (``scale``, ``hflip``,
-            ``auto_augment``, ``re_prob``, ...) and ``cutout`` (size/n_holes/p or None).
+            ``auto_augment``, ``re_prob``, ...) and ``cutout`` (size/n_holes/p or None);
+            ``mixup`` is a batch transform (see ``BatchMixup``) and is ignored here.
     """
     size = int(preprocessing["image_size"])
     common = dict(
@@ -61,7 +67,7 @@ def build_transform(
     )
     if not train:
         return create_transform(is_training=False, crop_pct=preprocessing["crop_pct"], **common)
-    options = dict(augment or {})
+    options = {k: v for k, v in (augment or {}).items() if k not in BATCH_KEYS}
     cutout = options.pop("cutout", None)
     for key in ("scale", "ratio"):
         if options.get(key) is not None:
@@ -70,3 +76,40 @@ def build_transform(
     if cutout:
         tf = T.Compose([tf, Cutout(**cutout)])
     return tf
+
+
+class BatchMixup:
+    """timm's ``Mixup`` (mixup and/or CutMix, with label smoothing) for any batch size.
+
+    Returns the mixed images and soft targets (rows sum to 1). timm mixes a batch with its
+    flipped self and needs an even batch size: an odd batch mixes all but its last image,
+    which keeps its (smoothed) one-hot target.
+
+    Args:
+        num_classes: number of classes.
+        label_smoothing: smoothing folded into the soft targets.
+        **options: ``Mixup`` options (``mixup_alpha``, ``cutmix_alpha``, ``prob``,
+            ``switch_prob``, ``mode``, ...).
+    """
+
+    def __init__(self, num_classes: int, label_smoothing: float = 0.0, **options: Any) -> None:
+        for key in ("mixup_alpha", "cutmix_alpha", "prob", "switch_prob"):
+            value = options.get(key, 0.0)
+            if value is not None and float(value) < 0:
+                raise ValueError(f"augment.mixup.{key}={value} must be >= 0.")
+        self.num_classes = num_classes
+        self.label_smoothing = float(options.get("label_smoothing", label_smoothing))
+        options["label_smoothing"] = self.label_smoothing
+        self.mixup = Mixup(num_classes=num_classes, **options)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(x) - len(x) % 2
+        if n == 0:
+            return x, self._one_hot(y)
+        mixed, soft = self.mixup(x[:n], y[:n])
+        if n == len(x):
+            return mixed, soft
+        return torch.cat([mixed, x[n:]]), torch.cat([soft, self._one_hot(y[n:])])
+
+    def _one_hot(self, y: torch.Tensor) -> torch.Tensor:
+        return mixup_target(y, self.num_classes, lam=1.0, smoothing=self.label_smoothing)

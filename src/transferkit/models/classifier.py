@@ -17,6 +17,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torchmetrics.classification import MulticlassAccuracy
 
+from transferkit.data.transforms import BatchMixup
 from transferkit.models.backbone import create_backbone
 from transferkit.models.finetuning import (
     backbone_blocks,
@@ -25,6 +26,7 @@ from transferkit.models.finetuning import (
     param_groups,
     trainable_names,
 )
+from transferkit.models.norms import convert_backbone_norm
 from transferkit.policy import Plan
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,10 @@ class ImageClassifier(L.LightningModule):
         l1_scope: which parameters the L1 penalty covers: ``head``, ``weights`` (trainable
             weights, no biases or norms) or ``all`` (every trainable parameter).
         decay_norm_and_bias: apply weight decay to norm weights and biases too.
+        backbone_norm: ``keep`` the backbone's BatchNorm, or convert it to ``groupnorm``,
+            ``instancenorm`` or ``syncbn`` (see ``convert_backbone_norm``).
+        mixup: options of timm's ``Mixup`` (mixup / CutMix on training batches, soft
+            targets smoothed by ``label_smoothing``); ``None``: off.
         optimizer: ``functools.partial`` of a torch optimizer (gets the parameter groups).
         scheduler: Hydra scheduler node ``{scheduler: partial, interval, monitor}``.
         plan: the fine-tuning plan (default: everything trains).
@@ -74,6 +80,8 @@ class ImageClassifier(L.LightningModule):
         l1: float = 0.0,
         l1_scope: str = "weights",
         decay_norm_and_bias: bool = False,
+        backbone_norm: str = "keep",
+        mixup: Mapping[str, Any] | None = None,
         optimizer: Callable[..., Optimizer] | None = None,
         scheduler: Mapping[str, Any] | None = None,
         plan: Plan | None = None,
@@ -82,6 +90,8 @@ class ImageClassifier(L.LightningModule):
         if isinstance(head, DictConfig):
             head = OmegaConf.to_container(head, resolve=True)  # type: ignore[assignment]
         head = dict(head or DEFAULT_HEAD)
+        if isinstance(mixup, DictConfig):
+            mixup = OmegaConf.to_container(mixup, resolve=True)  # type: ignore[assignment]
         if class_names is not None:
             class_names = list(class_names)
             if len(class_names) != num_classes:
@@ -95,6 +105,10 @@ class ImageClassifier(L.LightningModule):
         )
         self.backbone = create_backbone(
             backbone, "hub" if pretrained else weights, drop_rate, drop_path_rate
+        )
+        self.backbone = convert_backbone_norm(self.backbone, backbone_norm)
+        self.mixup = (
+            BatchMixup(num_classes, label_smoothing, **mixup) if mixup is not None else None
         )
         self.head = hydra.utils.instantiate(head)(self.backbone.num_features, num_classes)
         self.blocks = backbone_blocks(self.backbone)
@@ -188,6 +202,8 @@ class ImageClassifier(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> Any:
         x, y = batch
+        if self.mixup is not None:
+            x, y = self.mixup(x, y)
         logits = self(x)
         loss = self._loss(logits, y)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
@@ -256,6 +272,10 @@ class ImageClassifier(L.LightningModule):
         if self.scheduler_cfg.get("monitor"):
             config["monitor"] = self.scheduler_cfg["monitor"]
         return {"optimizer": optimizer, "lr_scheduler": config}
+            if config["interval"] == "epoch":
+                # Step on validation epochs only: between them the monitored value is stale,
+                # and a plateau scheduler would count it as "no improvement".
+                config["frequency"] = self.trainer.check_val_every_n_epoch or 1
 
     def on_fit_start(self) -> None:
         # What DDP saw as trainable when it wrapped the model: only these are all-reduced.

@@ -1,11 +1,15 @@
-"""Normalisation layers for heads, including Batch Renormalization (Ioffe, 2017)."""
+"""Normalisation layers: head norms, Batch Renormalization (Ioffe, 2017), and conversion of a
+backbone's BatchNorm to GroupNorm, instance norm or synchronised BatchNorm."""
 
 from __future__ import annotations
 
 import torch
+from timm.layers import GroupNormAct, convert_sync_batchnorm
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 NORMS = ("batchnorm", "batchrenorm", "layernorm", "groupnorm", "instancenorm", "none")
+BACKBONE_NORMS = ("keep", "groupnorm", "instancenorm", "syncbn")
 
 
 class BatchRenorm1d(nn.Module):
@@ -87,14 +91,65 @@ def make_norm1d(kind: str, num_features: int, groups: int = 32) -> nn.Module:
     if kind == "layernorm":
         return nn.LayerNorm(num_features)
     if kind == "groupnorm":
-        g = min(groups, num_features)
-        while num_features % g:
-            g -= 1
-        return nn.GroupNorm(g, num_features)
+        return nn.GroupNorm(num_groups(num_features, groups), num_features)
     if kind == "instancenorm":
-        # Over (N, C) features each channel is one value: instance norm normalises each
-        # sample over its channels, i.e. GroupNorm with one group.
+        # Per-channel instance norm of an (N, C) vector would normalise single values (a
+        # constant output), so each sample is normalised over its own features: on vectors
+        # instance norm and layer norm coincide (GroupNorm with one group, per-feature affine).
         return nn.GroupNorm(1, num_features)
     if kind == "none":
         return nn.Identity()
     raise ValueError(f"unknown norm {kind!r}; choose one of {list(NORMS)}.")
+
+
+def num_groups(channels: int, groups: int = 32) -> int:
+    """The largest divisor of ``channels`` that is at most ``groups`` and leaves at least two
+    channels per group (one channel per group would be instance norm, not group norm)."""
+    g = max(1, min(groups, channels // 2))
+    while channels % g:
+        g -= 1
+    return g
+
+
+def convert_backbone_norm(model: nn.Module, kind: str, groups: int = 32) -> nn.Module:
+    """Replace every BatchNorm of ``model`` (timm's ``BatchNormAct2d`` included).
+
+    ``groupnorm`` (Wu & He, 2018) and ``instancenorm`` (GroupNorm with one channel per group)
+    do not depend on the batch, for small or per-device batches; they start from the
+    BatchNorm's affine parameters (its running statistics have no counterpart). ``syncbn``
+    synchronises batch statistics across processes under DDP (timm's converter keeps the
+    fused activation, which ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` and so
+    Lightning's ``sync_batchnorm=True`` silently drop from ``BatchNormAct2d``). ``keep``
+    returns ``model`` unchanged.
+
+    Raises:
+        ValueError: unknown ``kind``, listing the valid ones.
+    """
+    if kind not in BACKBONE_NORMS:
+        raise ValueError(
+            f"unknown backbone norm {kind!r}; choose one of {list(BACKBONE_NORMS)} "
+            "(model.backbone_norm=...)."
+        )
+    if kind == "keep":
+        return model
+    if kind == "syncbn":
+        return convert_sync_batchnorm(model)
+    return _to_groupnorm(model, kind, groups)
+
+
+def _to_groupnorm(module: nn.Module, kind: str, groups: int) -> nn.Module:
+    if isinstance(module, _BatchNorm):
+        c = module.num_features
+        g = c if kind == "instancenorm" else num_groups(c, groups)
+        new = GroupNormAct(c, num_groups=g, eps=module.eps, affine=module.affine, apply_act=False)
+        new.act = getattr(module, "act", nn.Identity())  # BatchNormAct2d: keep its activation
+        new.drop = getattr(module, "drop", nn.Identity())
+        if module.affine:
+            with torch.no_grad():
+                new.weight.copy_(module.weight)
+                new.bias.copy_(module.bias)
+        new.train(module.training)
+        return new
+    for name, child in module.named_children():
+        module.add_module(name, _to_groupnorm(child, kind, groups))
+    return module
