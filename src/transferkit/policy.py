@@ -129,7 +129,11 @@ def match_rule(rules: list[Mapping[str, Any]], counts: Mapping[str, int]) -> Map
 
 
 def resolve_plan(
-    cfg: Mapping[str, Any], counts: Mapping[str, int], total_blocks: int, batch_size: int = 64
+    cfg: Mapping[str, Any],
+    counts: Mapping[str, int],
+    total_blocks: int,
+    batch_size: int = 64,
+    max_epochs: int | None = None,
 ) -> Plan:
     """Turn the ``finetune`` config into a :class:`Plan`.
 
@@ -138,6 +142,7 @@ def resolve_plan(
         counts: ``train_size``, ``min_per_class``, ``median_per_class`` of the training split.
         total_blocks: blocks of the backbone.
         batch_size: images per step, to turn a row's ``steps`` into epochs.
+        max_epochs: the trainer's epoch budget when the user set one (it wins over ``steps``).
 
     Raises:
         ValueError: unknown regime or BatchNorm mode, or an invalid block count.
@@ -158,6 +163,9 @@ def resolve_plan(
     if bn_mode not in BN_MODES:
         raise ValueError(f"finetune.bn_mode={bn_mode!r} is unknown; choose one of {BN_MODES}.")
     total = total_blocks
+    epochs = max_epochs
+    if epochs is None and settings.get("steps"):
+        epochs = epochs_for_steps(int(settings["steps"]), counts["train_size"], batch_size)
     schedule: tuple[tuple[int, int], ...] = ()
     ft_lr_scale = 1.0
     trainable_bn_stats = bool(settings.get("trainable_bn_stats", True))
@@ -182,15 +190,14 @@ def resolve_plan(
         schedule = tuple(steps)
     else:  # lp_ft
         start = 0
-        lp_epochs = int(settings.get("lp_epochs", 1))
+        lp = float(settings.get("lp_epochs", 1))
+        # a fraction in (0, 1) is a share of the epoch budget
+        lp_epochs = max(1, round(lp * epochs)) if lp < 1 and epochs else max(1, int(lp))
         schedule = ((lp_epochs, parse_blocks(settings.get("final_blocks", "all"), total)),)
         ft_lr_scale = float(settings.get("ft_lr_scale", 0.1))
     trigger = settings.get("trigger", "epochs")
     if trigger not in ("epochs", "plateau"):
         raise ValueError(f"finetune.trigger={trigger!r}; choose 'epochs' or 'plateau'.")
-    epochs = None
-    if settings.get("steps"):
-        epochs = epochs_for_steps(int(settings["steps"]), counts["train_size"], batch_size)
     plan = Plan(
         regime=regime,
         total_blocks=total,
