@@ -24,14 +24,24 @@ from omegaconf import DictConfig, OmegaConf
 
 from transferkit.callbacks.fit_diagnosis import FitDiagnosis
 from transferkit.callbacks.speed import TrainSpeed
+from transferkit.checkpoint_io import check_resume
 from transferkit.io import write_json
 from transferkit.models.backbone import WeightsUnavailableError
 from transferkit.policy import resolve_plan
+from transferkit.report import write_run_report
 
 log = logging.getLogger("transferkit")
 
+
+class MissingPackageError(ImportError):
+    """An optional package (a logger's, the ONNX exporter's) is not installed."""
+
+
 #: Mistakes a user can make in a config or their data: reported without a traceback.
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, WeightsUnavailableError, KeyError)
+USER_ERRORS = (
+    ValueError, TypeError, FileNotFoundError, WeightsUnavailableError, KeyError,
+    MissingPackageError,
+)  # fmt: skip
 DEFAULT_EPOCHS = 5
 VALIDATIONS_PER_RUN = 10
 
@@ -56,7 +66,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     log.info("fine-tuning plan: %s", plan.reason)
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    loggers = [_instantiate_logger(k, c) for k, c in (cfg.get("logger") or {}).items()]
     if not loggers:  # the LR monitor needs a logger; with logger=none there is nothing to log to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -69,6 +79,22 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         )
     trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
     return {"datamodule": dm, "model": model, "plan": plan, "trainer": trainer}
+
+
+def _instantiate_logger(name: str, node: DictConfig) -> Any:
+    """A logger; a missing optional package (wandb, mlflow, ...) is a user error."""
+    try:
+        return instantiate(node)
+    except Exception as e:
+        cause: BaseException | None = e
+        while cause is not None and not isinstance(cause, ModuleNotFoundError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise MissingPackageError(
+            f"logger={name} needs a package that is not installed ({cause}). Install it with "
+            f"pip install 'transferkit[loggers]' (or pip install {name}), or use logger=csv."
+        ) from e
 
 
 def finetune(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -84,6 +110,8 @@ def finetune(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         from transferkit.lr_find import tune_lr
 
         lr_find = tune_lr(cfg, objects)
+    if cfg.get("ckpt_path"):
+        check_resume(cfg.ckpt_path, cfg.model.backbone, dm.classes)
     start = time.perf_counter()
     trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
     fit_seconds = time.perf_counter() - start
@@ -130,6 +158,7 @@ def finetune(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         },
     }
     _write_summary(out_dir, summary)
+    write_run_report(cfg, summary, objects)
     return summary, objects
 
 

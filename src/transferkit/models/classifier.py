@@ -241,8 +241,9 @@ class ImageClassifier(L.LightningModule):
     # -- optimisation -------------------------------------------------------------------
     def configure_callbacks(self) -> list[L.Callback]:
         from transferkit.callbacks.unfreeze import FinetuneSchedule
+        from transferkit.checkpoint_io import RNGState
 
-        return [FinetuneSchedule()]
+        return [FinetuneSchedule(), RNGState()]  # RNGState: resume continues the same draws
 
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is None:
@@ -312,3 +313,9 @@ class ImageClassifier(L.LightningModule):
             "preprocessing": self.preprocessing,
             "class_names": self.hparams.get("class_names"),
         }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The preprocessing the model was trained with wins over timm's current defaults.
+        saved = checkpoint.get("transferkit", {}).get("preprocessing")
+        if saved:
+            self.preprocessing = dict(saved)

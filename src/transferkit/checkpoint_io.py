@@ -1,0 +1,225 @@
+"""Checkpoints: written atomically, loaded for inference without data or network, resumed exactly.
+
+- :class:`AtomicCheckpointIO` (trainer ``plugins``): a crash mid-write never leaves a
+  half-written ``best.ckpt``; the previous one stays intact.
+- :func:`load_classifier`: an :class:`ImageClassifier` from a checkpoint alone (weights are
+  random-initialised, then overwritten, so no hub and no weights package is touched).
+- :class:`RNGState` (added by the model's ``configure_callbacks``): the random generators'
+  state travels in the checkpoint, so a resumed run shuffles, augments and drops out exactly
+  as the uninterrupted run would have.
+- :func:`check_classes`: a checkpoint trained on other classes than the data is a clear error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+if TYPE_CHECKING:
+    from transferkit.models.classifier import ImageClassifier
+
+log = logging.getLogger(__name__)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` into a temporary file in the checkpoint's folder, fsync, ``os.replace``.
+
+    Lightning's own writer goes through fsspec without fsync; a crash or a full disk can then
+    leave a truncated ``best.ckpt``. Here the old file is replaced only by a complete one.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} does not take storage_options.")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide it from the group
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint dict, read with ``weights_only=True`` (no code runs on load).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is not a readable transferkit checkpoint.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {str(path)!r} does not exist. Pass the path of a .ckpt file, "
+            "e.g. outputs/<date>/<time>/checkpoints/best.ckpt."
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(
+            f"cannot read checkpoint {str(path)!r} ({type(e).__name__}: {str(e)[:200]}). "
+            "Is it a complete .ckpt file written by transferkit?"
+        ) from e
+    if not isinstance(ckpt, dict) or "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
+        raise ValueError(
+            f"{str(path)!r} is not a transferkit checkpoint (no hyper_parameters/state_dict). "
+            "Pass a .ckpt file from a transferkit run (checkpoints/best.ckpt or last.ckpt)."
+        )
+    return ckpt
+
+
+def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") -> ImageClassifier:
+    """An :class:`ImageClassifier` in eval mode from a checkpoint alone.
+
+    The backbone is created with ``weights=none`` (the checkpoint's state dict replaces the
+    random init); class names and preprocessing come from the checkpoint.
+    """
+    from transferkit.models.classifier import ImageClassifier
+
+    read_checkpoint(path)  # clear errors for a missing or foreign file
+    model = ImageClassifier.load_from_checkpoint(
+        Path(path).expanduser(), map_location=map_location, weights_only=True
+    )
+    return model.eval()
+
+
+def check_classes(
+    ckpt_classes: Sequence[str] | None, data_classes: Sequence[str], what: str
+) -> None:
+    """Raise when the data has classes the checkpoint was not trained on.
+
+    Raises:
+        ValueError: names the classes only one side has, and the fix.
+    """
+    if ckpt_classes is None or list(ckpt_classes) == list(data_classes):
+        return
+    unknown = [c for c in data_classes if c not in ckpt_classes]
+    missing = [c for c in ckpt_classes if c not in data_classes]
+    detail = []
+    if unknown:
+        detail.append(f"the data has {unknown} which the checkpoint does not know")
+    if missing:
+        detail.append(f"the checkpoint has {missing} which the data lacks")
+    if not detail:
+        detail.append("the same names in another order")
+    raise ValueError(
+        f"the checkpoint's classes {list(ckpt_classes)} do not match the data's "
+        f"{list(data_classes)}: {'; '.join(detail)}. {what}"
+    )
+
+
+def check_resume(path: str | Path, backbone: str, data_classes: Sequence[str]) -> None:
+    """Fail before training when ``ckpt_path`` cannot continue this run.
+
+    Raises:
+        FileNotFoundError: no such checkpoint.
+        ValueError: another backbone, other classes, or not a training checkpoint.
+    """
+    ckpt = read_checkpoint(path)
+    hp = ckpt["hyper_parameters"]
+    fix = "Resume with a checkpoint of this run's configuration, or set ckpt_path=null."
+    if hp.get("backbone") != backbone:
+        raise ValueError(
+            f"ckpt_path={str(path)!r} holds a {hp.get('backbone')!r} model but "
+            f"model.backbone={backbone!r}. {fix}"
+        )
+    check_classes(hp.get("class_names"), data_classes, fix)
+    if "optimizer_states" not in ckpt or "loops" not in ckpt:
+        raise ValueError(
+            f"ckpt_path={str(path)!r} has no optimizer/loop state (saved with weights only), "
+            "so training cannot resume from it; start a new run (ckpt_path=null)."
+        )
+    run_dir = Path(path).expanduser().resolve().parent.parent
+    log.info("resuming from %s (epoch %s)", path, ckpt.get("epoch"))
+    log.info(
+        "the best checkpoint so far is tracked in %s; resume there with hydra.run.dir", run_dir
+    )
+
+
+def class_index_map(ckpt_classes: Sequence[str], data_classes: Sequence[str]) -> np.ndarray:
+    """Data label → checkpoint label, for evaluating on a folder with a subset of the classes.
+
+    Raises:
+        ValueError: a data class the checkpoint does not know.
+    """
+    unknown = [c for c in data_classes if c not in ckpt_classes]
+    if unknown:
+        raise ValueError(
+            f"the data has classes {unknown} that the checkpoint was not trained on (it knows "
+            f"{list(ckpt_classes)}). Evaluate on a folder whose sub-folders are among those "
+            "names, or on the checkpoint that was trained on these classes."
+        )
+    return np.asarray([list(ckpt_classes).index(c) for c in data_classes], dtype=np.int64)
+
+
+class RNGState(L.Callback):
+    """Saves the torch (CPU and CUDA), numpy and Python generator states in checkpoints.
+
+    Lightning restores the epoch, optimizer and scheduler but not the generators: a resumed
+    run would reshuffle, re-augment and re-drop-out from the seed instead of continuing. With
+    ``num_workers > 0`` the workers' own generators are re-seeded per epoch by PyTorch from
+    the main process's generator, so this covers them too unless workers are persistent.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        version, internal, gauss_next = random.getstate()
+        state: dict[str, Any] = {
+            "torch": torch.get_rng_state(),
+            "numpy": [kind, torch.from_numpy(np.asarray(keys, np.int64)), pos, has_gauss, gauss],
+            "python": [version, list(internal), gauss_next],
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        torch.set_rng_state(state_dict["torch"])
+        kind, keys, pos, has_gauss, gauss = state_dict["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        version, internal, gauss_next = state_dict["python"]
+        random.setstate((version, tuple(internal), gauss_next))
+        if "cuda" in state_dict and torch.cuda.is_available():
+            cuda = state_dict["cuda"]
+            if len(cuda) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(cuda)

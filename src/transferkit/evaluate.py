@@ -1,0 +1,121 @@
+"""``transferkit-evaluate`` / ``make evaluate ckpt=PATH``: test metrics of a checkpoint.
+
+Loss, accuracy (top-5 with more than 5 classes), a confusion matrix and per-class accuracy on
+the test split of the configured data (``data=...``), or on every image of a folder
+(``data=image_folder data.root=DIR split=all``). The checkpoint alone defines the model, its
+classes and its preprocessing.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from transferkit.checkpoint_io import class_index_map, load_classifier
+from transferkit.data.datamodule import ImageDataset
+from transferkit.data.samples import Samples
+from transferkit.data.transforms import build_transform
+from transferkit.finetune import CONFIG_DIR, run_cli
+from transferkit.io import atomic_write_bytes, write_json
+from transferkit.report import (
+    classification_metrics,
+    collect_logits,
+    confusion_matrix,
+    confusion_section,
+    plot_confusion_matrix,
+)
+
+log = logging.getLogger("transferkit")
+SPLITS = ("train", "val", "test", "all")
+
+
+def require(cfg: DictConfig, *keys: str) -> None:
+    """A missing mandatory value (``???``) as a one-line user error naming the override."""
+    for key in keys:
+        if OmegaConf.is_missing(cfg, key) or cfg.get(key) in (None, ""):
+            raise ValueError(f"{key}=... is required, e.g. {key}={_EXAMPLES.get(key, 'VALUE')}")
+
+
+_EXAMPLES = {"ckpt": "outputs/<date>/<time>/checkpoints/best.ckpt", "input": "photo.jpg|DIR"}
+
+
+def device_of(name: str) -> torch.device:
+    """``auto``: the GPU when there is one; otherwise what the user names (cpu, cuda:1, ...)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def split_samples(splits: dict[str, Samples], split: str) -> Samples:
+    """One split, or all of them concatenated (``split=all``)."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}; choose one of {list(SPLITS)}.")
+    if split != "all":
+        if split not in splits or not len(splits[split]):
+            raise ValueError(
+                f"the data has no {split!r} images (it has {sorted(splits)}). Choose another "
+                "split=..., or split=all for every image."
+            )
+        return splits[split]
+    parts = [splits[s] for s in ("train", "val", "test") if s in splits]
+    in_memory = all(p.images is not None for p in parts)
+    return Samples(
+        labels=np.concatenate([p.labels for p in parts]),
+        images=np.concatenate([p.images for p in parts]) if in_memory else None,
+        paths=None if in_memory else [f for p in parts for f in (p.paths or [])],
+    )
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate ``cfg.ckpt`` on ``cfg.split`` of ``cfg.data``; write the results; return them."""
+    require(cfg, "ckpt")
+    model = load_classifier(cfg.ckpt)
+    names = list(model.hparams["class_names"] or range(model.hparams["num_classes"]))
+    names = [str(n) for n in names]
+    dm = instantiate(cfg.data)
+    dm.setup("test")
+    label_map = class_index_map(names, dm.classes)  # the folder may hold a subset of classes
+    samples = split_samples(dm.splits, cfg.split)
+    samples = Samples(labels=label_map[samples.labels], images=samples.images, paths=samples.paths)
+    transform = build_transform(model.preprocessing, train=False)  # the checkpoint's, not data's
+    loader = DataLoader(
+        ImageDataset(samples, transform), batch_size=dm.batch_size, num_workers=dm.num_workers
+    )
+    model.to(device_of(cfg.device))
+    logits, labels = collect_logits(model, loader, f"evaluate ({cfg.split}: {len(samples)})")
+    metrics = {f"{cfg.split}/{k}": v for k, v in classification_metrics(logits, labels).items()}
+    cm = confusion_matrix(logits.argmax(-1).numpy(), labels.numpy(), len(names))
+
+    out = Path(cfg.paths.output_dir)
+    plot_confusion_matrix(cm, names, out / "confusion_matrix.png")
+    lines = [f"# Evaluation of {cfg.ckpt}", "", f"{len(samples)} images ({cfg.split} split).", ""]
+    lines += [f"- {k}: {v:.4f}" for k, v in metrics.items()] + [""]
+    lines += confusion_section(cm, names, "confusion_matrix.png")
+    atomic_write_bytes(out / "evaluation.md", ("\n".join(lines) + "\n").encode())
+    result = {"checkpoint": str(cfg.ckpt), "images": len(samples), **metrics,
+              "confusion_matrix": cm.tolist(), "class_names": names}  # fmt: skip
+    write_json(out / "evaluation.json", result)
+    width = max(len(k) for k in metrics)
+    print("\ntransferkit evaluation")
+    print(f"  {'images':<{width}}  {len(samples):,}")
+    for k, v in metrics.items():
+        print(f"  {k:<{width}}  {v:.4f}")
+    print(f"  written to {out}/evaluation.md (+ .json, confusion_matrix.png)")
+    return result
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    run_cli(lambda: evaluate(cfg))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""``transferkit-predict`` / ``make predict ckpt=PATH input=FILE_OR_DIR``: top-k per image.
+
+Writes a CSV (``path, class_1, prob_1, ..., class_k, prob_k``) atomically and prints its path.
+Files that do not decode as images are skipped and counted (``on_bad_image=skip``) or stop
+the run (``fail``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from transferkit.checkpoint_io import load_classifier
+from transferkit.data.image_folder import IMAGE_EXTENSIONS
+from transferkit.data.samples import to_rgb
+from transferkit.data.transforms import build_transform
+from transferkit.evaluate import device_of, require
+from transferkit.finetune import CONFIG_DIR, run_cli
+from transferkit.io import atomic_write_bytes
+from transferkit.report import collect_logits
+
+log = logging.getLogger("transferkit")
+
+
+def list_inputs(path: str | Path) -> list[Path]:
+    """``path`` itself, or the image files under it (recursively, sorted).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist or a folder holds no image files.
+    """
+    path = Path(path).expanduser()
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"input={str(path)!r} does not exist; pass an image or a folder.")
+    files = sorted(
+        f
+        for f in path.rglob("*")
+        if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith(".")
+    )
+    if not files:
+        raise FileNotFoundError(
+            f"input={str(path)!r} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})."
+        )
+    return files
+
+
+class FileDataset(Dataset):
+    """Image files → ``(tensor, index)``; an undecodable file gives index ``-1 - i``."""
+
+    def __init__(self, files: list[Path], transform: Callable[[Any], torch.Tensor], size: int):
+        self.files, self.transform, self.size = files, transform, size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        try:
+            with Image.open(self.files[i]) as im:
+                return self.transform(to_rgb(im)), i
+        except (OSError, ValueError, SyntaxError):
+            return torch.zeros(3, self.size, self.size), -1 - i
+
+
+def predict(cfg: DictConfig) -> Path:
+    """Top-``cfg.top_k`` classes of every image under ``cfg.input``; returns the CSV path."""
+    require(cfg, "ckpt", "input")
+    if cfg.on_bad_image not in ("skip", "fail"):
+        raise ValueError(f"on_bad_image must be 'skip' or 'fail', got {cfg.on_bad_image!r}.")
+    if int(cfg.top_k) < 1:
+        raise ValueError(f"top_k must be >= 1, got {cfg.top_k}.")
+    model = load_classifier(cfg.ckpt)
+    names = [str(n) for n in model.hparams["class_names"] or range(model.hparams["num_classes"])]
+    files = list_inputs(cfg.input)
+    size = int(model.preprocessing["image_size"])
+    data = FileDataset(files, build_transform(model.preprocessing, train=False), size)
+    loader = DataLoader(data, batch_size=int(cfg.batch_size), num_workers=int(cfg.num_workers))
+    model.to(device_of(cfg.device))
+    logits, index = collect_logits(model, loader, f"predict ({len(files)} images)")
+    bad = [files[-1 - int(i)] for i in index if i < 0]
+    if bad and cfg.on_bad_image == "fail":
+        raise ValueError(
+            f"cannot read {len(bad)} input file(s), e.g. {bad[0]}. Remove or fix them, or set "
+            "on_bad_image=skip."
+        )
+    if bad:
+        log.warning("skipped %d unreadable file(s) (on_bad_image=skip), e.g. %s", len(bad), bad[0])
+    k = min(int(cfg.top_k), len(names))
+    probs, top = logits.softmax(-1).topk(k, dim=-1)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["path", *(f"{c}_{j}" for j in range(1, k + 1) for c in ("class", "prob"))])
+    for i, p, t in zip(index.tolist(), probs.tolist(), top.tolist(), strict=True):
+        if i >= 0:
+            ranked = [v for j in range(k) for v in (names[t[j]], f"{p[j]:.6f}")]
+            writer.writerow([files[i], *ranked])
+    out = Path(cfg.output)
+    atomic_write_bytes(out, buffer.getvalue().encode())
+    print(f"predictions for {len(files) - len(bad)} image(s) (top {k}) written to {out}")
+    return out
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
+def main(cfg: DictConfig) -> None:
+    run_cli(lambda: predict(cfg))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,340 @@
+"""The run report: learning curves from ``metrics.csv``, a confusion matrix, ``report.md``.
+
+Pure functions (read the CSV, find the best / overfitting epoch, the confusion matrix, the
+plots) plus :func:`write_run_report`, which ``finetune`` calls on rank zero at the end.
+Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import platform
+from collections.abc import Mapping, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_only
+from matplotlib.figure import Figure  # the object API renders with Agg, no GUI backend
+from matplotlib.ticker import MaxNLocator
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from transferkit.io import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+CURVE_KEYS = ("train/loss", "val/loss", "train/acc", "val/acc")
+OVERFIT_MIN_RISE = 0.01  # relative rise of the validation loss that counts as overfitting
+VERSIONED = ("transferkit", "torch", "timm", "lightning", "torchmetrics", "hydra-core")
+
+
+# -- learning curves ----------------------------------------------------------------------
+def read_epoch_metrics(path: str | Path) -> dict[str, list[float]]:
+    """Per-epoch train/val loss and accuracy from Lightning's CSV logger file.
+
+    Returns ``{"epoch": [1, 2, ...], "train/loss": [...], ...}`` (epochs 1-based, NaN where
+    a metric was not logged that epoch, e.g. validation every n epochs). Test rows and
+    per-step rows without an epoch are ignored.
+    """
+    by_epoch: dict[int, dict[str, float]] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            if not row.get("epoch"):
+                continue
+            values = {k: float(row[k]) for k in CURVE_KEYS if row.get(k) not in (None, "")}
+            if values:
+                by_epoch.setdefault(int(float(row["epoch"])), {}).update(values)
+    epochs = sorted(by_epoch)
+    table: dict[str, list[float]] = {"epoch": [float(e + 1) for e in epochs]}
+    for k in CURVE_KEYS:
+        table[k] = [by_epoch[e].get(k, math.nan) for e in epochs]
+    return table
+
+
+def best_epoch(epochs: Sequence[float], values: Sequence[float], mode: str) -> float | None:
+    """The first epoch with the best value (what ``ModelCheckpoint`` keeps), or None."""
+    pairs = [(e, v) for e, v in zip(epochs, values, strict=True) if not math.isnan(v)]
+    if not pairs:
+        return None
+    pick = max if mode == "max" else min
+    best = pick(v for _, v in pairs)
+    return next(e for e, v in pairs if v == best)
+
+
+def overfitting_epoch(
+    epochs: Sequence[float], train_loss: Sequence[float], val_loss: Sequence[float]
+) -> float | None:
+    """The epoch after which validation loss rises while training loss keeps falling.
+
+    That is the epoch of lowest validation loss, when some later epoch has both a higher
+    validation loss and a lower training loss; None when the curves never diverge.
+    """
+    rows = [
+        (e, t, v)
+        for e, t, v in zip(epochs, train_loss, val_loss, strict=True)
+        if not (math.isnan(t) or math.isnan(v))
+    ]
+    if len(rows) < 2:
+        return None
+    i = min(range(len(rows)), key=lambda j: rows[j][2])
+    e0, t0, v0 = rows[i]
+    rise = v0 + OVERFIT_MIN_RISE * abs(v0)  # ignore noise-level wiggles
+    return e0 if any(v > rise and t < t0 for _, t, v in rows[i + 1 :]) else None
+
+
+def plot_learning_curves(
+    table: Mapping[str, Sequence[float]], path: str | Path, marks: Mapping[str, float | None]
+) -> None:
+    """Loss and accuracy per epoch, train vs val, with vertical lines at ``marks``."""
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    styles = {"best": ("tab:green", "--"), "early stop": ("tab:red", ":"),
+              "overfitting": ("tab:purple", "-.")}  # fmt: skip
+    for ax, metric in zip(fig.subplots(1, 2), ("loss", "acc"), strict=True):
+        for split, marker in (("train", "o"), ("val", "s")):
+            xs, ys = _finite(table["epoch"], table[f"{split}/{metric}"])
+            ax.plot(xs, ys, marker=marker, label=f"{split}/{metric}")
+        for name, epoch in marks.items():
+            if epoch is not None:
+                colour, line = styles.get(name.split(" (")[0], ("grey", "--"))
+                ax.axvline(epoch, color=colour, linestyle=line, label=f"{name}: epoch {epoch:g}")
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("accuracy" if metric == "acc" else "cross-entropy loss")
+        ax.set_title("accuracy" if metric == "acc" else "loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def _finite(xs: Sequence[float], ys: Sequence[float]) -> tuple[list[float], list[float]]:
+    keep = [(x, y) for x, y in zip(xs, ys, strict=True) if not math.isnan(y)]
+    return [x for x, _ in keep], [y for _, y in keep]
+
+
+# -- predictions and the confusion matrix --------------------------------------------------
+@torch.no_grad()
+def collect_logits(
+    model: torch.nn.Module, loader: DataLoader, desc: str = "predict"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels over ``loader`` in eval mode, with a progress bar."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    logits, labels = [], []
+    for x, y in tqdm(loader, desc=desc, unit="batch", leave=False):
+        logits.append(model(x.to(device)).float().cpu())
+        labels.append(torch.as_tensor(y))
+    model.train(was_training)
+    if not logits:
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Loss, top-1 and (with more than 5 classes) top-5 accuracy, as ``test/...`` keys."""
+    out = {
+        "loss": float(F.cross_entropy(logits, labels)),
+        "acc": float((logits.argmax(-1) == labels).float().mean()),
+    }
+    if logits.shape[1] > 5:
+        top5 = logits.topk(5, dim=-1).indices
+        out["acc_top5"] = float((top5 == labels[:, None]).any(-1).float().mean())
+    return out
+
+
+def confusion_matrix(pred: np.ndarray, target: np.ndarray, num_classes: int) -> np.ndarray:
+    """``cm[true, predicted]`` counts."""
+    idx = np.asarray(target, np.int64) * num_classes + np.asarray(pred, np.int64)
+    return np.bincount(idx, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def per_class_rows(cm: np.ndarray, class_names: Sequence[str]) -> list[dict[str, Any]]:
+    """Per class: images, correct, accuracy (NaN without images), most confused with."""
+    rows = []
+    for i, name in enumerate(class_names):
+        n = int(cm[i].sum())
+        off = cm[i].copy()
+        off[i] = 0
+        j = int(off.argmax())
+        rows.append({
+            "class": name, "images": n, "correct": int(cm[i, i]),
+            "accuracy": cm[i, i] / n if n else math.nan,
+            "confused_with": f"{class_names[j]} ({int(off[j])})" if off[j] else "",
+        })  # fmt: skip
+    return rows
+
+
+def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: str | Path) -> None:
+    """Rows (true classes) coloured by their share; counts written in cells when few classes."""
+    n = len(class_names)
+    share = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    side = min(max(4.0, 0.5 * n + 2), 20.0)
+    fig = Figure(figsize=(side + 1, side), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, label="share of the true class")
+    ax.set_xticks(range(n), class_names, rotation=45 if n > 4 else 0, ha="right", fontsize=8)
+    ax.set_yticks(range(n), class_names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    acc = np.trace(cm) / max(cm.sum(), 1)
+    ax.set_title(f"test confusion matrix: {int(cm.sum())} images, accuracy {acc:.3f}")
+    if n <= 25:
+        for i in range(n):
+            for j in range(n):
+                colour = "white" if share[i, j] > 0.5 else "black"
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", color=colour, fontsize=7)
+    _save(fig, path)
+
+
+def _save(fig: Figure, path: str | Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+# -- report.md ----------------------------------------------------------------------------
+def versions() -> dict[str, str]:
+    """Python and the versions of the libraries that decide the results."""
+    out = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def confusion_section(cm: np.ndarray, class_names: Sequence[str], png: str) -> list[str]:
+    """Markdown: the confusion-matrix image and the per-class accuracy table."""
+    lines = [f"![confusion matrix]({png})", "",
+             "| class | test images | correct | accuracy | most often predicted instead |",
+             "|---|---:|---:|---:|---|"]  # fmt: skip
+    for r in per_class_rows(cm, class_names):
+        lines.append(f"| {r['class']} | {r['images']} | {r['correct']} | "
+                     f"{_fmt(r['accuracy'])} | {r['confused_with']} |")  # fmt: skip
+    return lines
+
+
+def render_report(
+    summary: Mapping[str, Any],
+    split_counts: Mapping[str, Sequence[int]],
+    class_names: Sequence[str],
+    curves: Mapping[str, Any] | None,
+    confusion: list[str] | None,
+    config_yaml: str,
+) -> str:
+    """``report.md`` text. ``curves``: ``png``, ``marks`` and a ``note``; None: no CSV."""
+    plan = summary.get("plan", {})
+    out = ["# transferkit run report", "", "## Plan", "", str(plan.get("reason", "")), ""]
+    out += _table(("setting", "value"), [(k, v) for k, v in plan.items() if k != "reason"])
+    out += ["", "## Data", ""]
+    names = list(split_counts)
+    rows = [(c, *(split_counts[s][i] for s in names)) for i, c in enumerate(class_names)]
+    rows.append(("**total**", *(sum(split_counts[s]) for s in names)))
+    out += _table(("class", *names), rows)
+    metric_keys = ("best_val_acc", "test_acc", "test_loss", "test_acc_top5", "epochs",
+                   "global_steps", "trainable_params", "total_params", "fit_seconds",
+                   "train_images_per_second", "best_checkpoint")  # fmt: skip
+    out += ["", "## Final metrics", ""]
+    out += _table(("metric", "value"), [(k, summary.get(k)) for k in metric_keys])
+    out += ["", "## Learning curves", ""]
+    if curves is None:
+        out.append("No `metrics.csv` (choose `logger=csv`, the default, to get learning curves).")
+    else:
+        out += [f"![learning curves]({curves['png']})", "", curves["note"]]
+    out += ["", "## Test split: confusion matrix and per-class accuracy", ""]
+    out += confusion or ["No test split (or `test=false`): no confusion matrix."]
+    out += ["", "## Configuration", "", "```yaml", config_yaml.rstrip(), "```", ""]
+    out += ["## Versions", ""]
+    out += _table(("package", "version"), list(versions().items()))
+    return "\n".join(out) + "\n"
+
+
+def curve_marks(
+    table: Mapping[str, Sequence[float]], monitor: str, mode: str, stopped_epoch: int
+) -> tuple[dict[str, float | None], str]:
+    """The vertical lines of the learning-curve plot and a sentence about each."""
+    epochs = table["epoch"]
+    best = best_epoch(epochs, table[monitor], mode) if monitor in table else None
+    over = overfitting_epoch(epochs, table["train/loss"], table["val/loss"])
+    stop = float(stopped_epoch + 1) if stopped_epoch else None
+    marks = {f"best ({monitor})": best, "early stop": stop, "overfitting": over}
+    note = [f"Best checkpoint: epoch {best:g} by `{monitor}` ({mode})." if best else
+            f"No `{monitor}` values logged."]  # fmt: skip
+    note.append(f"Early stopping ended the run after epoch {stop:g}." if stop else
+                "Early stopping did not trigger.")  # fmt: skip
+    note.append(
+        f"Overfitting: validation loss is lowest at epoch {over:g} and rises afterwards while "
+        "training loss keeps falling." if over else
+        "No overfitting point: validation loss did not rise while training loss fell."
+    )  # fmt: skip
+    return marks, " ".join(note)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(_fmt(v) for v in r) + " |" for r in rows]
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "–" if math.isnan(v) else f"{v:.4f}" if abs(v) < 10 else f"{v:,.1f}"
+    if v is None:
+        return "–"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+# -- the run report ------------------------------------------------------------------------
+@rank_zero_only
+def write_run_report(
+    cfg: DictConfig, summary: Mapping[str, Any], objects: Mapping[str, Any]
+) -> Path:
+    """Write ``report.md``, ``learning_curves.png`` and ``confusion_matrix.png`` of a run."""
+    dm, model, trainer = objects["datamodule"], objects["model"], objects["trainer"]
+    out_dir = Path(cfg.paths.output_dir)
+    names = list(dm.classes)
+    split_counts = {
+        s: np.bincount(dm.splits[s].labels, minlength=len(names)).tolist()
+        for s in ("train", "val", "test")
+        if s in dm.splits
+    }
+    curves = None
+    csv_path = next((Path(lg.log_dir) / "metrics.csv" for lg in trainer.loggers
+                     if isinstance(lg, CSVLogger)), None)  # fmt: skip
+    if csv_path is not None and csv_path.is_file():
+        table = read_epoch_metrics(csv_path)
+        if table["epoch"]:
+            stopper = next((c for c in trainer.callbacks if isinstance(c, EarlyStopping)), None)
+            stopped = stopper.stopped_epoch if stopper is not None else 0
+            marks, note = curve_marks(table, cfg.monitor, cfg.mode, stopped)
+            plot_learning_curves(table, out_dir / "learning_curves.png", marks)
+            curves = {"png": "learning_curves.png", "note": note}
+    confusion = None
+    if summary.get("test_acc") is not None:  # the model now holds the tested (best) weights
+        model.to(trainer.strategy.root_device)
+        logits, labels = collect_logits(model, dm.test_dataloader(), "report: test split")
+        cm = confusion_matrix(logits.argmax(-1).numpy(), labels.numpy(), len(names))
+        plot_confusion_matrix(cm, names, out_dir / "confusion_matrix.png")
+        confusion = confusion_section(cm, names, "confusion_matrix.png")
+    try:
+        config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    except Exception:  # e.g. ${hydra:...} outside a Hydra app
+        config_yaml = OmegaConf.to_yaml(cfg)
+    text = render_report(summary, split_counts, names, curves, confusion, config_yaml)
+    path = out_dir / "report.md"
+    atomic_write_bytes(path, text.encode())
+    print(f"  report: {path}")
+    return path
