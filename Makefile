@@ -67,5 +67,8 @@ predict: ## CSV of the top-k classes per image: ckpt=PATH input=FILE_OR_DIR [ARG
 export: ## Export ckpt=PATH as format=torchscript|onnx and check it against the checkpoint
 	$(VENV)/bin/transferkit-export $(if $(ckpt),ckpt=$(ckpt)) $(if $(format),format=$(format)) $(ARGS)
 
+gpu-check: ## On a CUDA machine: images/s on 1 GPU (fp32; bf16-mixed + channels_last), then ddp
+	$(PY) -m transferkit.gpu_check $(ARGS)
+
 clean: ## Remove run outputs (outputs/, multirun/)
 	rm -rf outputs multirun lightning_logs
