@@ -80,7 +80,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     model = load_classifier(cfg.ckpt)
     names = list(model.hparams["class_names"] or range(model.hparams["num_classes"]))
     names = [str(n) for n in names]
-    dm = instantiate(cfg.data)
+    no_split = {"val_fraction": 0.0, "test_fraction": 0.0} if cfg.split == "all" else {}
+    dm = instantiate(cfg.data, **no_split)  # split=all: every image, however few per class
     dm.setup("test")
     label_map = class_index_map(names, dm.classes)  # the folder may hold a subset of classes
     samples = split_samples(dm.splits, cfg.split)
