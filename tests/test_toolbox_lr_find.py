@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from transferkit.finetune import build, finetune
-from transferkit.lr_find import lr_find, run_lr_find, set_base_lr
+from transferkit.lr_find import lr_find, run_lr_find, set_base_lr, steepest_descent, unbias
 
 from .conftest import tiny_overrides
 
@@ -79,3 +79,17 @@ def test_bad_finder_settings_name_the_value(image_folder, tmp_path, make_cfg):
     assert m.optimizer_factory.keywords == {"lr": 0.3, "momentum": 0.9}
     with pytest.raises(ValueError, match="-1"):
         set_base_lr(m, -1)  # type: ignore[arg-type]
+
+
+def test_unbias_redoes_the_bias_correction_and_the_suggestion_is_per_decade():
+    beta, loss = 0.98, 2.3
+    avg, lightning = 0.0, []
+    for t in range(5):  # Lightning's recurrence with global_step read after the step
+        avg = beta * avg + (1 - beta) * loss
+        lightning.append(avg / (1 - beta ** (t + 2)))
+    assert lightning[0] == pytest.approx(loss / 2, rel=0.02)  # the artefact
+    assert unbias(lightning) == pytest.approx([loss] * 5)
+    lrs = [10 ** (-6 + 0.1 * i) for i in range(61)]
+    losses = [2.0 - (1.0 if i > 35 else 0.0) for i in range(61)]  # one cliff at 10^-2.5
+    assert steepest_descent(lrs, losses) in (lrs[35], lrs[36])
+    assert steepest_descent(lrs[:12], losses[:12]) is None

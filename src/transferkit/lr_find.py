@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,9 @@ def run_lr_find(objects: dict[str, Any], tune: Any) -> dict[str, Any]:
             ``early_stop_threshold``).
 
     Returns:
-        ``suggestion`` (None when the curve is too short), ``configured_lr`` and the curve.
+        ``suggestion`` (steepest descent per decade of the bias-corrected smoothed loss;
+        None when the curve is too short), ``lightning_suggestion``, ``configured_lr`` and
+        the curve.
 
     Raises:
         ValueError: ``min_lr``/``max_lr``/``num_training`` out of range.
@@ -98,16 +101,49 @@ def run_lr_find(objects: dict[str, Any], tune: Any) -> dict[str, Any]:
         trainer.fit_loop.max_epochs = max_epochs
     if finder is None:  # fast_dev_run
         return {"suggestion": None, "configured_lr": base_lr(model), "lr": [], "loss": []}
-    suggestion = finder.suggestion()
+    lightning_suggestion = finder.suggestion()
+    lrs = [float(v) for v in finder.results["lr"]]
+    losses = unbias(finder.results["loss"])
     return {
-        "suggestion": None if suggestion is None else float(suggestion),
+        "suggestion": steepest_descent(lrs, losses),
+        "lightning_suggestion": lightning_suggestion,
         "configured_lr": base_lr(model),
         "min_lr": min_lr,
         "max_lr": max_lr,
-        "steps": len(finder.results["lr"]),
-        "lr": [float(v) for v in finder.results["lr"]],
-        "loss": [float(v) for v in finder.results["loss"]],
+        "steps": len(lrs),
+        "lr": lrs,
+        "loss": losses,
     }
+
+
+def unbias(smoothed: list[float], beta: float = 0.98) -> list[float]:
+    """Redo the bias correction of Lightning's smoothed loss (a sweep from step 0).
+
+    Lightning 2.x divides the moving average of step ``t`` by ``1 − β^(t+2)`` (it reads
+    ``global_step`` after the step), not ``1 − β^(t+1)``: its first points are about half
+    the true loss, which draws a false rise at the smallest LRs.
+    """
+    return [
+        float(s) * (1 - beta ** (t + 2)) / (1 - beta ** (t + 1)) for t, s in enumerate(smoothed)
+    ]
+
+
+def steepest_descent(
+    lrs: list[float], losses: list[float], skip_begin: int = 10, skip_end: int = 1
+) -> float | None:
+    """The LR where the smoothed loss falls fastest per decade (gradient over log10 LR).
+
+    Lightning's own suggestion differentiates over the LR itself, where the dense small LRs
+    of an exponential sweep turn noise into steep slopes; it is kept in the JSON as
+    ``lightning_suggestion``. None when fewer than 3 finite points remain.
+    """
+    lo, hi = skip_begin, len(lrs) - skip_end
+    keep = [i for i in range(lo, hi) if math.isfinite(losses[i])]
+    if len(keep) < 3:
+        return None
+    x = torch.tensor([math.log10(lrs[i]) for i in keep], dtype=torch.float64)
+    y = torch.tensor([losses[i] for i in keep], dtype=torch.float64)
+    return lrs[keep[int(torch.gradient(y, spacing=[x])[0].argmin())]]
 
 
 @rank_zero_only
