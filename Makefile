@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all lint format finetune evaluate predict export sweep-depth clean lr-find
+.PHONY: help install test test-all lint format finetune evaluate predict export sweep-depth clean lr-find gpu-check
 
 SWEEP_DIR ?= multirun/sweep-depth
 SWEEP_SMALL ?= 10,100

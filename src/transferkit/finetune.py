@@ -18,15 +18,18 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from transferkit.callbacks.fit_diagnosis import FitDiagnosis
+from transferkit.caching import CachedFeatureDataModule, cache_decision
 from transferkit.callbacks.speed import TrainSpeed
 from transferkit.checkpoint_io import check_resume
+from transferkit.distributed import check_multirun, scaled_optimizer
 from transferkit.io import write_json
 from transferkit.models.backbone import WeightsUnavailableError
+from transferkit.models.finetuning import trainable_names
 from transferkit.policy import resolve_plan
 from transferkit.report import write_run_report
 
@@ -48,6 +51,7 @@ VALIDATIONS_PER_RUN = 10
 
 def build(cfg: DictConfig) -> dict[str, Any]:
     """Data, model (with its plan), callbacks, loggers and trainer from a composed config."""
+    check_multirun(cfg.trainer, _hydra_mode() == "MULTIRUN")
     dm = instantiate(cfg.data)
     dm.setup("fit")
     counts = dm.counts()
@@ -60,7 +64,13 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         _recursive_=False,
     )
     finetune_cfg = OmegaConf.to_container(cfg.finetune, resolve=True)
-    plan = resolve_plan(finetune_cfg, counts, model.num_blocks, dm.batch_size)  # type: ignore[arg-type]
+    plan = resolve_plan(
+        finetune_cfg,  # type: ignore[arg-type]
+        counts,
+        model.num_blocks,
+        dm.batch_size,
+        max_epochs=cfg.trainer.get("max_epochs"),
+    )
     model.set_plan(plan)
     dm.set_preprocessing(model.preprocessing)
     log.info("fine-tuning plan: %s", plan.reason)
@@ -71,6 +81,8 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     assert isinstance(trainer_cfg, dict)
+    if not trainer_cfg.get("enable_progress_bar", True):  # one switch turns the bar off
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     if trainer_cfg.get("max_epochs") is None:
         trainer_cfg["max_epochs"] = plan.epochs or DEFAULT_EPOCHS
     if trainer_cfg.get("check_val_every_n_epoch") is None:
@@ -78,7 +90,46 @@ def build(cfg: DictConfig) -> dict[str, Any]:
             1, trainer_cfg["max_epochs"] // VALIDATIONS_PER_RUN
         )
     trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
-    return {"datamodule": dm, "model": model, "plan": plan, "trainer": trainer}
+    fit_dm, cache = _feature_cache(cfg, dm, model, plan)
+    # data.batch_size is per device; the LR rule (if any) follows the global batch
+    model.optimizer_factory = scaled_optimizer(
+        model.optimizer_factory, cfg.get("lr_scaling"), dm.batch_size * trainer.world_size
+    )
+    return {
+        "datamodule": dm,
+        "fit_datamodule": fit_dm,
+        "feature_cache": cache,
+        "model": model,
+        "plan": plan,
+        "trainer": trainer,
+    }
+
+
+def _feature_cache(cfg: DictConfig, dm: Any, model: Any, plan: Any) -> tuple[Any, str]:
+    """The DataModule to fit on: cached frozen-prefix outputs when that is exact, else ``dm``."""
+    trainable = trainable_names(model.blocks, plan.max_trainable, model._bn_params, plan.bn_mode)
+    split, why = cache_decision(
+        cfg.finetune.get("cache_features", "auto"),
+        plan,
+        model.backbone,
+        trainable,
+        augment=dm.augment,
+        mixup=getattr(model, "mixup", None) is not None,
+        drop_path_rate=float(cfg.model.get("drop_path_rate") or 0.0),
+    )
+    log.info("feature caching: %s", why)
+    if split is None:
+        return dm, why
+    model.use_cached_features(split)
+    budget = float(cfg.finetune.get("cache_memory_gb", 4.0))
+    return CachedFeatureDataModule(dm, split, budget, Path(cfg.paths.output_dir) / "cache"), why
+
+
+def _hydra_mode() -> str | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    mode = HydraConfig.get().mode if HydraConfig.initialized() else None
+    return mode.name if mode is not None else None
 
 
 def _instantiate_logger(name: str, node: DictConfig) -> Any:
@@ -103,17 +154,18 @@ def finetune(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     torch.set_float32_matmul_precision("high")
     objects = build(cfg)
     dm, model, plan, trainer = (objects[k] for k in ("datamodule", "model", "plan", "trainer"))
+    fit_dm = objects["fit_datamodule"]  # dm itself, or its cached frozen-prefix features
     out_dir = Path(cfg.paths.output_dir)
 
+    if cfg.get("ckpt_path"):
+        check_resume(cfg.ckpt_path, cfg.model.backbone, dm.classes)
     lr_find = None
     if cfg.get("tune") and cfg.tune.get("lr_find"):  # range test, then train at its suggestion
         from transferkit.lr_find import tune_lr
 
         lr_find = tune_lr(cfg, objects)
-    if cfg.get("ckpt_path"):
-        check_resume(cfg.ckpt_path, cfg.model.backbone, dm.classes)
     start = time.perf_counter()
-    trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(model, datamodule=fit_dm, ckpt_path=cfg.get("ckpt_path"))
     fit_seconds = time.perf_counter() - start
     # Before testing: restoring the best checkpoint also restores the callbacks' state.
     fit = next((c.result() for c in trainer.callbacks if isinstance(c, FitDiagnosis)), None)
@@ -123,8 +175,9 @@ def finetune(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     best_score = getattr(checkpoint, "best_model_score", None)
     test_metrics: dict[str, float] = {}
     if cfg.get("test", True) and len(dm.splits.get("test", ())):
-        results = trainer.test(model, datamodule=dm, ckpt_path=best_path, verbose=False)
+        results = trainer.test(model, datamodule=fit_dm, ckpt_path=best_path, verbose=False)
         test_metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    model.use_cached_features(None)  # from here on (report, predictions) the model sees images
 
     speed = next((c for c in trainer.callbacks if isinstance(c, TrainSpeed)), None)
     summary: dict[str, Any] = {
@@ -146,6 +199,7 @@ def finetune(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         "fit_seconds": round(fit_seconds, 2),
         "train_images_per_second": round(speed.images_per_second, 1) if speed else None,
         "best_checkpoint": best_path,
+        "feature_cache": objects["feature_cache"],
         "fit": fit and fit["fit"],  # overfitting | underfitting | ok (FitDiagnosis callback)
         "fit_evidence": fit and fit["evidence"],
         "lr_find": lr_find,

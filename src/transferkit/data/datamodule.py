@@ -144,14 +144,18 @@ class ImageDataModule(L.LightningDataModule):
             "crop_pct": self.crop_pct,
         }
 
-    def _loader(self, split: str, train: bool) -> DataLoader:
+    def image_dataset(self, split: str, train: bool) -> ImageDataset:
+        """A split with the training (``train``) or evaluation transform."""
         if split not in self.splits:
             self.setup()
         if self.preprocessing is None:
             raise RuntimeError("call set_preprocessing(model.preprocessing) before training")
         tf = build_transform(self.preprocessing, train=train, augment=self.augment)
+        return ImageDataset(self.splits[split], tf)
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
         return DataLoader(
-            ImageDataset(self.splits[split], tf),
+            self.image_dataset(split, train),
             batch_size=self.batch_size,
             shuffle=train,
             # only drop a last batch of one image (BatchNorm cannot train on it)

@@ -59,6 +59,8 @@ class ImageClassifier(L.LightningModule):
             ``instancenorm`` or ``syncbn`` (see ``convert_backbone_norm``).
         mixup: options of timm's ``Mixup`` (mixup / CutMix on training batches, soft
             targets smoothed by ``label_smoothing``); ``None``: off.
+        channels_last: keep the backbone and its inputs in NHWC memory format.
+        compile: ``torch.compile`` the backbone (in place, so checkpoints are unchanged).
         optimizer: ``functools.partial`` of a torch optimizer (gets the parameter groups).
         scheduler: Hydra scheduler node ``{scheduler: partial, interval, monitor}``.
         plan: the fine-tuning plan (default: everything trains).
@@ -82,6 +84,8 @@ class ImageClassifier(L.LightningModule):
         decay_norm_and_bias: bool = False,
         backbone_norm: str = "keep",
         mixup: Mapping[str, Any] | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
         optimizer: Callable[..., Optimizer] | None = None,
         scheduler: Mapping[str, Any] | None = None,
         plan: Plan | None = None,
@@ -112,6 +116,10 @@ class ImageClassifier(L.LightningModule):
         )
         self.head = hydra.utils.instantiate(head)(self.backbone.num_features, num_classes)
         self.blocks = backbone_blocks(self.backbone)
+        if channels_last:  # NHWC: faster convolutions on GPUs with tensor cores
+            self.backbone.to(memory_format=torch.channels_last)
+        if compile:  # in place: parameter names (and checkpoints) stay the same
+            self.backbone.compile()
         self._bn_params = batchnorm_param_names(self.backbone)
         self.optimizer_factory = optimizer
         self.scheduler_cfg = scheduler
@@ -175,7 +183,18 @@ class ImageClassifier(L.LightningModule):
         return self
 
     # -- forward and steps --------------------------------------------------------------
+    def use_cached_features(self, split: Any | None) -> None:
+        """Train/validate/test on cached frozen-prefix outputs (``transferkit.caching``):
+        the steps then run only the suffix and the head. ``None`` goes back to images."""
+        self._feature_split = (split,) if split is not None else ()
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        split = getattr(self, "_feature_split", ())
+        return self.head(split[0].suffix(x)) if split else self(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hparams.get("channels_last") and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.head(self.backbone(x))
 
     def l1_penalty(self) -> torch.Tensor:
@@ -204,7 +223,7 @@ class ImageClassifier(L.LightningModule):
         x, y = batch
         if self.mixup is not None:
             x, y = self.mixup(x, y)
-        logits = self(x)
+        logits = self._logits(x)
         loss = self._loss(logits, y)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         if self.hparams["l1"]:
@@ -218,7 +237,7 @@ class ImageClassifier(L.LightningModule):
 
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
         x, y = batch
-        logits = self(x)
+        logits = self._logits(x)
         self.log(f"{stage}/loss", F.cross_entropy(logits, y), prog_bar=True, sync_dist=True)
         acc = getattr(self, f"{stage}_acc")
         acc(logits, y)
@@ -272,11 +291,11 @@ class ImageClassifier(L.LightningModule):
         config = {"scheduler": scheduler, "interval": self.scheduler_cfg.get("interval", "step")}
         if self.scheduler_cfg.get("monitor"):
             config["monitor"] = self.scheduler_cfg["monitor"]
-        return {"optimizer": optimizer, "lr_scheduler": config}
             if config["interval"] == "epoch":
                 # Step on validation epochs only: between them the monitored value is stale,
                 # and a plateau scheduler would count it as "no improvement".
                 config["frequency"] = self.trainer.check_val_every_n_epoch or 1
+        return {"optimizer": optimizer, "lr_scheduler": config}
 
     def on_fit_start(self) -> None:
         # What DDP saw as trainable when it wrapped the model: only these are all-reduced.

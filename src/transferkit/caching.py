@@ -1,0 +1,259 @@
+"""Frozen-prefix feature caching.
+
+Frozen blocks (with frozen BatchNorm) give the same output for the same input, so when the
+training transform is deterministic their work need not be redone every epoch: compute the
+frozen prefix once per image, then train the rest of the network on the cached outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from timm.models.efficientnet import EfficientNet
+from timm.models.resnet import ResNet
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from transferkit.policy import Plan
+
+log = logging.getLogger(__name__)
+
+HEAD_MODULES = {"global_pool", "fc", "classifier", "head", "head_drop", "fc_norm"}
+#: Families whose ``forward_features`` is a plain chain of their children.
+SEQUENTIAL_FAMILIES = (EfficientNet, ResNet)
+
+
+def flat_modules(backbone: nn.Module) -> list[tuple[str, nn.Module]] | None:
+    """The feature extractor as an ordered chain of modules, ``nn.Sequential`` expanded;
+    ``None`` for families whose forward is not such a chain."""
+    if not isinstance(backbone, SEQUENTIAL_FAMILIES):
+        return None
+    out: list[tuple[str, nn.Module]] = []
+
+    def expand(prefix: str, module: nn.Module) -> None:
+        for name, child in module.named_children():
+            full = f"{prefix}{name}"
+            if isinstance(child, nn.Sequential):
+                expand(f"{full}.", child)
+            else:
+                out.append((full, child))
+
+    for name, child in backbone.named_children():
+        if name in HEAD_MODULES:
+            continue
+        if isinstance(child, nn.Sequential):
+            expand(f"{name}.", child)
+        else:
+            out.append((name, child))
+    return out
+
+
+class Split(nn.Module):
+    """``backbone(x) == suffix(prefix(x))`` in eval mode; ``cut`` modules in the prefix.
+
+    Holds references to the backbone's own modules (not copies), so training the suffix
+    trains the backbone.
+    """
+
+    def __init__(self, backbone: nn.Module, cut: int | None) -> None:
+        super().__init__()
+        self.whole_backbone = cut is None
+        modules = flat_modules(backbone) or []
+        # lists, not registered submodules: the backbone owns the parameters
+        self._prefix = [m for _, m in modules[:cut]] if cut is not None else [backbone]
+        self._rest = [m for _, m in modules[cut:]] if cut is not None else []
+        self._backbone = [backbone]
+
+    def prefix(self, x: torch.Tensor) -> torch.Tensor:
+        for m in self._prefix:
+            x = m(x)
+        return x
+
+    def suffix(self, x: torch.Tensor) -> torch.Tensor:
+        if self.whole_backbone:
+            return x
+        for m in self._rest:
+            x = m(x)
+        return self._backbone[0].forward_head(x)  # type: ignore[operator]
+
+
+def find_cut(backbone: nn.Module, trainable: set[str]) -> int | None:
+    """Number of leading modules with no trainable parameter (``None``: unsupported family).
+
+    Raises:
+        ValueError: nothing is frozen at the front.
+    """
+    modules = flat_modules(backbone)
+    if modules is None:
+        return None
+    for i, (name, m) in enumerate(modules):
+        if any(f"{name}.{p}" in trainable for p, _ in m.named_parameters()):
+            return i
+    return len(modules)
+
+
+def cache_decision(
+    mode: str | bool,
+    plan: Plan,
+    backbone: nn.Module,
+    trainable: set[str],
+    augment: Mapping[str, Any],
+    mixup: bool,
+    drop_path_rate: float,
+) -> tuple[Split | None, str]:
+    """Whether and where to cache, with the reason for the log.
+
+    Raises:
+        ValueError: an unknown ``mode``.
+    """
+    mode = {True: "true", False: "false"}[mode] if isinstance(mode, bool) else str(mode)
+    if mode not in ("auto", "true", "false"):
+        raise ValueError(f"finetune.cache_features={mode!r}; choose auto, true or false.")
+    if mode == "false":
+        return None, "off (finetune.cache_features=false)"
+    why_not = None
+    if plan.schedule:
+        why_not = f"the {plan.regime} schedule unfreezes blocks during training"
+    elif plan.bn_mode != "frozen":
+        why_not = f"finetune.bn_mode={plan.bn_mode} changes frozen BatchNorm statistics"
+    elif not augment.get("no_aug"):
+        why_not = ("the training transform is random (augmentation on); use augment=none to "
+                   "cache")  # fmt: skip
+    elif mixup:
+        why_not = "mixup mixes input images"
+    elif drop_path_rate:
+        why_not = "stochastic depth (drop_path_rate) makes frozen blocks random"
+    split = None
+    if why_not is None:
+        if plan.trainable_blocks == 0 and not any(p.requires_grad for p in backbone.parameters()):
+            split = Split(backbone, None)
+        else:
+            cut = find_cut(backbone, trainable)
+            if cut is None:
+                why_not = (f"{type(backbone).__name__} is not a chain of blocks transferkit "
+                           "can split (supported: EfficientNet, ResNet families)")  # fmt: skip
+            elif cut == 0:
+                why_not = "nothing is frozen at the input end"
+            else:
+                split = Split(backbone, cut)
+    if split is None:
+        reason = f"off: {why_not}"
+        if mode == "true":
+            log.warning("feature caching requested but %s", reason)
+        return None, reason
+    where = "the whole backbone" if split.whole_backbone else f"{len(split._prefix)} modules"
+    return split, f"on: frozen prefix ({where}) computed once per image"
+
+
+@torch.no_grad()
+def compute_features(
+    split: Split,
+    dataset: Dataset,
+    batch_size: int,
+    budget_bytes: float,
+    disk_dir: Path,
+    name: str,
+) -> tuple[torch.Tensor | np.ndarray, torch.Tensor]:
+    """Prefix outputs and labels of a whole dataset.
+
+    float32 when it fits ``budget_bytes``, else float16, else a float16 memory-mapped file
+    under ``disk_dir``.
+    """
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    device = next((p.device for m in split._prefix for p in m.parameters()), torch.device("cpu"))
+    x0, _ = next(iter(loader))
+    probe = split.prefix(x0[:1].to(device))
+    n = len(dataset)  # type: ignore[arg-type]
+    shape = (n, *probe.shape[1:])
+    need = float(np.prod(shape)) * 4
+    dtype: Any = torch.float32
+    store: torch.Tensor | np.ndarray
+    if need <= budget_bytes:
+        store = torch.empty(shape, dtype=torch.float32)
+    elif need / 2 <= budget_bytes:
+        dtype = torch.float16
+        store = torch.empty(shape, dtype=torch.float16)
+    else:
+        disk_dir.mkdir(parents=True, exist_ok=True)
+        store = np.lib.format.open_memmap(
+            disk_dir / f"{name}.npy", mode="w+", dtype=np.float16, shape=shape
+        )
+    log.info("caching %s: %d x %s = %.1f MB as %s", name, n, tuple(shape[1:]), need / 2**20,
+             "float16 on disk" if isinstance(store, np.ndarray) else str(dtype))  # fmt: skip
+    labels = torch.empty(n, dtype=torch.long)
+    i = 0
+    for x, y in tqdm(loader, desc=f"caching {name} features", leave=False):
+        f = split.prefix(x.to(device)).cpu()
+        if isinstance(store, np.ndarray):
+            store[i : i + len(x)] = f.numpy().astype(np.float16)
+        else:
+            store[i : i + len(x)] = f.to(store.dtype)
+        labels[i : i + len(x)] = y
+        i += len(x)
+    return store, labels
+
+
+class FeatureDataset(Dataset):
+    def __init__(self, features: torch.Tensor | np.ndarray, labels: torch.Tensor) -> None:
+        self.features, self.labels = features, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.features[i]
+        f = torch.from_numpy(np.asarray(f)) if isinstance(f, np.ndarray) else f
+        return f.float(), self.labels[i]
+
+
+class CachedFeatureDataModule(L.LightningDataModule):
+    """Serves cached prefix outputs of an image DataModule's splits, same batching."""
+
+    def __init__(self, source: Any, split: Split, budget_gb: float, disk_dir: Path) -> None:
+        super().__init__()
+        self.source, self.split = source, split
+        self.budget, self.disk_dir = budget_gb * 2**30, disk_dir
+        self.datasets: dict[str, FeatureDataset] = {}
+
+    def _build(self) -> None:
+        """Run the prefix over every split once, on the device the model is on by now."""
+        if self.datasets:
+            return
+        was_training = [m.training for m in self.split._prefix]
+        for m in self.split._prefix:
+            m.eval()
+        for name in ("train", "val", "test"):
+            if len(self.source.splits.get(name, ())):
+                images = self.source.image_dataset(name, train=name == "train")
+                feats, labels = compute_features(
+                    self.split, images, self.source.batch_size, self.budget, self.disk_dir, name
+                )
+                self.datasets[name] = FeatureDataset(feats, labels)
+        for m, t in zip(self.split._prefix, was_training, strict=True):
+            m.train(t)
+
+    def _loader(self, name: str, train: bool) -> DataLoader:
+        self._build()
+        ds = self.datasets[name]
+        return DataLoader(
+            ds,
+            batch_size=self.source.batch_size,
+            shuffle=train,
+            drop_last=train and len(ds) % self.source.batch_size == 1,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False)

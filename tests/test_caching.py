@@ -1,0 +1,86 @@
+"""Frozen-prefix caching: exact split of the backbone, the decision rules, and a cached run
+that ends with the same metrics as the uncached one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from transferkit.caching import Split, cache_decision, find_cut, flat_modules
+from transferkit.finetune import finetune
+from transferkit.models import ImageClassifier
+from transferkit.models.finetuning import trainable_names
+from transferkit.policy import Plan
+
+from .conftest import tiny_overrides
+
+
+@pytest.mark.parametrize("backbone", ["test_efficientnet", "test_resnet"])
+def test_prefix_then_suffix_equals_backbone_at_every_depth(backbone):
+    model = ImageClassifier(backbone, num_classes=3, image_size=32).eval()
+    x = torch.randn(2, 3, 32, 32)
+    expected = model.backbone(x)
+    for k in range(1, model.num_blocks):
+        model.set_plan(Plan("partial", model.num_blocks, k))
+        trainable = trainable_names(model.blocks, k)
+        cut = find_cut(model.backbone, trainable)
+        assert cut is not None and 0 < cut < len(flat_modules(model.backbone) or [])
+        split = Split(model.backbone, cut)
+        with torch.no_grad():
+            torch.testing.assert_close(split.suffix(split.prefix(x)), expected)
+        # no trainable parameter in the prefix, every trainable one after it
+        prefix_params = {id(p) for m in split._prefix for p in m.parameters()}
+        assert not any(p.requires_grad and id(p) in prefix_params for p in model.parameters())
+
+
+def _decide(model, plan, **kw):
+    args = dict(augment={"no_aug": True}, mixup=False, drop_path_rate=0.0)
+    args.update(kw)
+    model.set_plan(plan)
+    trainable = trainable_names(model.blocks, plan.max_trainable)
+    return cache_decision("auto", plan, model.backbone, trainable, **args)
+
+
+def test_cache_decision_rules():
+    model = ImageClassifier("test_efficientnet", num_classes=3, image_size=32)
+    n = model.num_blocks
+    split, why = _decide(model, Plan("linear_probe", n, 0))
+    assert split is not None and split.whole_backbone and why.startswith("on")
+    split, _ = _decide(model, Plan("partial", n, 2))
+    assert split is not None and not split.whole_backbone
+    cases = [
+        (Plan("partial", n, 2), {"augment": {"scale": [0.8, 1]}}, "augment=none"),
+        (Plan("partial", n, 2), {"mixup": True}, "mixup"),
+        (Plan("partial", n, 2), {"drop_path_rate": 0.1}, "stochastic depth"),
+        (Plan("partial", n, 2, bn_mode="adapt"), {}, "bn_mode=adapt"),
+        (Plan("gradual", n, 0, schedule=((1, 2),)), {}, "unfreezes"),
+        (Plan("full", n, n), {}, "nothing is frozen"),
+    ]
+    for plan, kw, reason in cases:
+        split, why = _decide(model, plan, **kw)
+        assert split is None and reason in why, (plan.regime, why)
+    vit = ImageClassifier("test_vit", num_classes=3, image_size=32)
+    split, why = _decide(vit, Plan("partial", vit.num_blocks, 2))
+    assert split is None and "VisionTransformer" in why
+    split, _ = _decide(vit, Plan("linear_probe", vit.num_blocks, 0))
+    assert split is not None and split.whole_backbone
+
+
+@pytest.mark.parametrize("regime", ["linear_probe", "partial"])
+def test_cached_and_uncached_training_give_the_same_metrics(regime, image_folder, tmp_path,
+                                                           make_cfg):  # fmt: skip
+    results = {}
+    for cache in ("true", "false"):
+        cfg = make_cfg(*tiny_overrides(
+            image_folder, tmp_path / cache, f"finetune={regime}", "augment=none",
+            f"finetune.cache_features={cache}", "model.head.dropout=0.0",
+        ))  # fmt: skip
+        if regime == "partial":
+            cfg.finetune.trainable_blocks = 2
+        summary, _ = finetune(cfg)
+        results[cache] = summary
+    assert results["true"]["feature_cache"].startswith("on")
+    assert results["false"]["feature_cache"].startswith("off")
+    for key in ("test_acc", "best_val_acc"):
+        assert results["true"][key] == pytest.approx(results["false"][key], abs=1e-6), key
+    assert results["true"]["test_loss"] == pytest.approx(results["false"]["test_loss"], rel=1e-4)
