@@ -22,8 +22,8 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from transferkit.callbacks.fit_diagnosis import FitDiagnosis
 from transferkit.caching import CachedFeatureDataModule, cache_decision
+from transferkit.callbacks.fit_diagnosis import FitDiagnosis
 from transferkit.callbacks.speed import TrainSpeed
 from transferkit.checkpoint_io import check_resume
 from transferkit.distributed import check_multirun, scaled_optimizer

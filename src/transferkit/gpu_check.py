@@ -85,8 +85,11 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        print("gpu-check: no CUDA device here (torch.cuda.is_available() is False). Run it on "
-              "a machine with an NVIDIA GPU and a CUDA build of torch.", file=sys.stderr)  # fmt: skip
+        print(
+            "gpu-check: no CUDA device here (torch.cuda.is_available() is False). Run it on "
+            "a machine with an NVIDIA GPU and a CUDA build of torch.",
+            file=sys.stderr,
+        )
         sys.exit(1)
     n_gpus = torch.cuda.device_count()
     print(f"gpu-check: {n_gpus} x {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
