@@ -90,7 +90,7 @@ def run_lr_find(objects: dict[str, Any], tune: Any) -> dict[str, Any]:
     try:
         finder = Tuner(trainer).lr_find(
             model,
-            datamodule=objects["datamodule"],
+            datamodule=objects.get("fit_datamodule", objects["datamodule"]),  # features if cached
             min_lr=min_lr,
             max_lr=max_lr,
             num_training=num_training,
