@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from transferkit.data import AnimalMNISTDataModule, ImageFolderDataModule
@@ -100,8 +101,6 @@ def test_odd_image_modes_are_converted_and_bad_files_skipped_or_fatal(tmp_path):
 
 
 def test_cutout_zeroes_the_expected_area():
-    import torch
-
     torch.manual_seed(0)
     img = torch.ones(3, 64, 64)
     out = Cutout(size=8, n_holes=1)(img)
@@ -111,3 +110,29 @@ def test_cutout_zeroes_the_expected_area():
     torch.manual_seed(1)
     counts = [(Cutout(size=8)(img)[0] == 0).sum().item() for _ in range(50)]
     assert max(counts) == 64 and all(c <= 64 for c in counts)
+
+
+def test_decode_once_gives_the_same_tensors_as_the_transform(tmp_path):
+    from transferkit.data.datamodule import DecodedDataset, ImageDataset
+
+    write_images(tmp_path, ["a", "b"], per_class=3, size=20)
+    pre = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.3, 0.4], "interpolation": "bicubic"}
+    dm = ImageFolderDataModule(root=tmp_path, image_size=16, val_fraction=0.34,
+                               test_fraction=0.34, augment={"no_aug": True})  # fmt: skip
+    dm.setup()
+    dm.set_preprocessing(pre)
+    for train in (False, True):
+        assert isinstance(dm.image_dataset("train", train=train), DecodedDataset)
+    lazy = ImageFolderDataModule(root=tmp_path, image_size=16, val_fraction=0.34,
+                                 test_fraction=0.34, decode_once=False)  # fmt: skip
+    lazy.setup()
+    lazy.set_preprocessing(pre)
+    slow = lazy.image_dataset("val", train=False)
+    fast = dm.image_dataset("val", train=False)
+    assert isinstance(slow, ImageDataset) and isinstance(fast, DecodedDataset)
+    for i in range(len(slow)):
+        torch.testing.assert_close(fast[i][0], slow[i][0], rtol=0, atol=1e-6)
+        assert fast[i][1] == slow[i][1]
+    # a random training transform is never decoded once
+    dm.augment = {"scale": [0.5, 1.0]}
+    assert isinstance(dm.image_dataset("train", train=True), ImageDataset)

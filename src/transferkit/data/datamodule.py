@@ -11,6 +11,8 @@ import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+from tqdm.auto import tqdm
 
 from transferkit.data.animal_mnist import CLASSES as ANIMAL_CLASSES
 from transferkit.data.animal_mnist import load_animal_mnist
@@ -34,6 +36,37 @@ class ImageDataset(Dataset):
         return self.transform(self.samples.load(i)), int(self.samples.labels[i])
 
 
+class DecodedDataset(Dataset):
+    """A split decoded, resized and cropped once into a ``uint8`` tensor; each item is only
+    scaled and normalised, exactly as ``ToTensor`` + ``Normalize`` would.
+
+    Only for deterministic transforms (evaluation, or training without augmentation).
+    """
+
+    def __init__(self, samples: Samples, transform: Any, desc: str = "decoding") -> None:
+        steps = list(transform.transforms)
+        if len(steps) < 2 or not isinstance(steps[-1], T.Normalize):
+            raise TypeError(f"expected [..., ToTensor, Normalize], got {transform}")
+        pre = T.Compose(steps[:-2])  # the PIL part: resize, crop
+        norm = steps[-1]
+        self.mean = torch.as_tensor(norm.mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.as_tensor(norm.std, dtype=torch.float32).view(-1, 1, 1)
+        first = np.asarray(pre(samples.load(0)))
+        self.images = torch.empty(
+            (len(samples), first.shape[2], *first.shape[:2]), dtype=torch.uint8
+        )
+        for i in tqdm(range(len(samples)), desc=desc, leave=False, mininterval=1.0):
+            self.images[i] = torch.from_numpy(np.asarray(pre(samples.load(i)))).permute(2, 0, 1)
+        self.labels = torch.as_tensor(samples.labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        x = self.images[i].float().div_(255.0)
+        return (x - self.mean) / self.std, int(self.labels[i])
+
+
 class ImageDataModule(L.LightningDataModule):
     """Common logic; subclasses implement :meth:`load_source`.
 
@@ -48,6 +81,9 @@ class ImageDataModule(L.LightningDataModule):
         seed: seed of the split and of the subsample.
         augment: options for the training transform (see ``build_transform``).
         crop_pct: evaluation centre-crop fraction (1.0: resize only).
+        decode_once: decode and resize each image once into memory when the transform is
+            deterministic: ``auto`` (when it fits ``decode_budget_gb``), ``true`` or ``false``.
+        decode_budget_gb: memory allowed for decoded images.
     """
 
     def __init__(
@@ -62,6 +98,8 @@ class ImageDataModule(L.LightningDataModule):
         augment: Mapping[str, Any] | None = None,
         crop_pct: float = 1.0,
         pin_memory: bool = False,
+        decode_once: str | bool = "auto",
+        decode_budget_gb: float = 2.0,
     ) -> None:
         super().__init__()
         for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
@@ -82,6 +120,15 @@ class ImageDataModule(L.LightningDataModule):
         self.augment = dict(augment or {})
         self.crop_pct = crop_pct
         self.pin_memory = pin_memory
+        self.decode_once = (
+            {True: "true", False: "false"}[decode_once]
+            if isinstance(decode_once, bool)
+            else str(decode_once)
+        )
+        if self.decode_once not in ("auto", "true", "false"):
+            raise ValueError(f"data.decode_once={decode_once!r}; choose auto, true or false.")
+        self.decode_budget = decode_budget_gb * 2**30
+        self._decoded: dict[tuple[str, bool], DecodedDataset] = {}
         self.classes: list[str] = []
         self.splits: dict[str, Samples] = {}
         self.preprocessing: dict[str, Any] | None = None
@@ -138,20 +185,31 @@ class ImageDataModule(L.LightningDataModule):
 
     def set_preprocessing(self, preprocessing: Mapping[str, Any]) -> None:
         """Take mean/std/interpolation from the model; resolution and crop from the data."""
+        self._decoded.clear()
         self.preprocessing = {
             **preprocessing,
             "image_size": self.image_size,
             "crop_pct": self.crop_pct,
         }
 
-    def image_dataset(self, split: str, train: bool) -> ImageDataset:
-        """A split with the training (``train``) or evaluation transform."""
+    def image_dataset(self, split: str, train: bool) -> Dataset:
+        """A split with the training (``train``) or evaluation transform; decoded once into
+        memory when the transform is deterministic and ``decode_once`` allows it."""
         if split not in self.splits:
             self.setup()
         if self.preprocessing is None:
             raise RuntimeError("call set_preprocessing(model.preprocessing) before training")
         tf = build_transform(self.preprocessing, train=train, augment=self.augment)
-        return ImageDataset(self.splits[split], tf)
+        samples = self.splits[split]
+        deterministic = not train or bool(self.augment.get("no_aug"))
+        size = int(self.preprocessing["image_size"])
+        fits = len(samples) * 3 * size * size <= self.decode_budget
+        if deterministic and (self.decode_once == "true" or (self.decode_once == "auto" and fits)):
+            key = (split, train)
+            if key not in self._decoded:
+                self._decoded[key] = DecodedDataset(samples, tf, desc=f"decoding {split} images")
+            return self._decoded[key]
+        return ImageDataset(samples, tf)
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         return DataLoader(
