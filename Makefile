@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all lint format finetune evaluate predict export sweep-depth clean lr-find gpu-check
+.PHONY: help install test test-all lint format finetune evaluate predict export sweep-depth clean lr-find gpu-check bench
 
 SWEEP_DIR ?= multirun/sweep-depth
 SWEEP_SMALL ?= 10,100
@@ -66,6 +66,9 @@ predict: ## CSV of the top-k classes per image: ckpt=PATH input=FILE_OR_DIR [ARG
 
 export: ## Export ckpt=PATH as format=torchscript|onnx and check it against the checkpoint
 	$(VENV)/bin/transferkit-export $(if $(ckpt),ckpt=$(ckpt)) $(if $(format),format=$(format)) $(ARGS)
+
+bench: ## Toolkit vs bare-loop throughput, feature-cache speed-up, data vs model -> bench.json
+	$(PY) -m transferkit.bench $(ARGS)
 
 gpu-check: ## On a CUDA machine: images/s on 1 GPU (fp32; bf16-mixed + channels_last), then ddp
 	$(PY) -m transferkit.gpu_check $(ARGS)
