@@ -38,7 +38,9 @@ def _cfg(per_class: int, epochs: int, out: str, *extra: str) -> Any:
     overrides = [
         f"data.limit_per_class={per_class}",
         f"trainer.max_epochs={epochs}",
-        "trainer.limit_val_batches=0",
+        "trainer.limit_val_batches=0",  # throughput of training; no validation to monitor:
+        "~callbacks.early_stopping",
+        "~callbacks.model_checkpoint",
         "trainer.enable_progress_bar=false",
         "trainer.accelerator=cpu",
         "trainer.devices=1",
