@@ -56,7 +56,7 @@ class DecodedDataset(Dataset):
             (len(samples), first.shape[2], *first.shape[:2]), dtype=torch.uint8
         )
         for i in tqdm(range(len(samples)), desc=desc, leave=False, mininterval=1.0):
-            self.images[i] = torch.from_numpy(np.asarray(pre(samples.load(i)))).permute(2, 0, 1)
+            self.images[i] = torch.from_numpy(np.array(pre(samples.load(i)))).permute(2, 0, 1)
         self.labels = torch.as_tensor(samples.labels)
 
     def __len__(self) -> int:
