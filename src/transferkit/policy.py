@@ -153,6 +153,8 @@ def resolve_plan(
     if regime == "auto":
         rule = dict(match_rule(list(cfg["rules"]), counts))
         settings = {**settings, **{k: v for k, v in rule.items() if not k.startswith("max_")}}
+        if cfg.get("steps") is not None:  # a budget set by the user wins over the table's
+            settings["steps"] = cfg["steps"]
         regime = settings["regime"]
     if regime not in REGIMES:
         raise ValueError(

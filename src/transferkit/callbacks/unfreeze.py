@@ -14,6 +14,8 @@ import math
 from typing import TYPE_CHECKING, Any
 
 import lightning as L
+import torch
+from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.utilities import rank_zero_info
 
 if TYPE_CHECKING:
@@ -52,10 +54,16 @@ class FinetuneSchedule(L.Callback):
             k = plan.trainable_at(epoch)
             scale = plan.lr_scale_at(epoch)
         if k != pl_module.current_trainable:
+            if plan.trigger == "plateau":
+                phase_change = epoch > 0
+            else:  # from the plan alone, so a resumed run decides as the original did
+                phase_change = epoch > 0 and plan.trainable_at(epoch - 1) != k
             pl_module.apply_trainable(k)
             rank_zero_info(
                 f"epoch {epoch}: last {k} of {plan.total_blocks} backbone blocks trainable"
             )
+            if phase_change:
+                self._restart_early_stopping(trainer)
         if scale != self.applied_scale:
             self._scale_lrs(trainer, scale / self.applied_scale)
             self.applied_scale = scale
@@ -78,6 +86,17 @@ class FinetuneSchedule(L.Callback):
             self.wait = 0
             self.best = math.inf if self.mode == "min" else -math.inf
             rank_zero_info(f"{self.monitor} plateaued: unfreezing at the next epoch")
+
+    @staticmethod
+    def _restart_early_stopping(trainer: L.Trainer) -> None:
+        """A new phase gets its own patience: the loss of a network that just gained
+        trainable blocks first rises, and the previous phase's best would stop it before it
+        learns (LP-FT lost its fine-tuning phase that way). Checkpointing keeps the overall
+        best, so nothing is lost if the new phase never beats the old one."""
+        for cb in trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(cb, EarlyStopping):
+                cb.wait_count = 0
+                cb.best_score = torch.tensor(math.inf if cb.mode == "min" else -math.inf)
 
     @staticmethod
     def _scale_lrs(trainer: L.Trainer, ratio: float) -> None:

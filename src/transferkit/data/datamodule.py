@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.accelerators import CUDAAccelerator
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from tqdm.auto import tqdm
@@ -72,7 +74,8 @@ class ImageDataModule(L.LightningDataModule):
 
     Args:
         batch_size: images per device and step.
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader worker processes; ``auto``: 0 on CPU (the cores run the
+            model), up to 8 when training on a GPU.
         image_size: square input resolution fed to the backbone.
         val_fraction: share of each class held out for validation when the source has no
             validation split.
@@ -89,7 +92,7 @@ class ImageDataModule(L.LightningDataModule):
     def __init__(
         self,
         batch_size: int = 64,
-        num_workers: int = 0,
+        num_workers: int | str = "auto",
         image_size: int = 64,
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
@@ -97,7 +100,7 @@ class ImageDataModule(L.LightningDataModule):
         seed: int = 42,
         augment: Mapping[str, Any] | None = None,
         crop_pct: float = 1.0,
-        pin_memory: bool = False,
+        pin_memory: bool | str = "auto",
         decode_once: str | bool = "auto",
         decode_budget_gb: float = 2.0,
     ) -> None:
@@ -211,16 +214,27 @@ class ImageDataModule(L.LightningDataModule):
             return self._decoded[key]
         return ImageDataset(samples, tf)
 
+    def _on_gpu(self) -> bool:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return isinstance(trainer.accelerator, CUDAAccelerator)
+        return torch.cuda.is_available()
+
     def _loader(self, split: str, train: bool) -> DataLoader:
+        workers, pin = self.num_workers, self.pin_memory
+        if workers == "auto":
+            workers = min(8, os.cpu_count() or 1) if self._on_gpu() else 0
+        if pin == "auto":
+            pin = self._on_gpu()
         return DataLoader(
             self.image_dataset(split, train),
             batch_size=self.batch_size,
             shuffle=train,
             # only drop a last batch of one image (BatchNorm cannot train on it)
             drop_last=train and len(self.splits[split]) % self.batch_size == 1,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=self.pin_memory,
+            num_workers=int(workers),
+            persistent_workers=int(workers) > 0,
+            pin_memory=bool(pin),
         )
 
     def train_dataloader(self) -> DataLoader:
