@@ -160,3 +160,25 @@ def test_resume_mid_schedule_restores_trainable_set_and_lrs(cfg, tmp_path):
     assert resumed.epochs[2]["lr"] == pytest.approx(full.epochs[2]["lr"])
     for k, v in model2.state_dict().items():
         torch.testing.assert_close(v, final[k], msg=k)
+
+
+def test_each_unfreeze_phase_restarts_early_stopping():
+    """LP-FT's fine-tuning phase must not be stopped by the probe's best validation loss."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    class Seen(L.Callback):
+        def __init__(self) -> None:
+            self.best: dict[int, float] = {}
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 0:
+                self.best[trainer.current_epoch] = float(es.best_score)
+
+    es = EarlyStopping(monitor="val/loss", patience=100)
+    seen = Seen()
+    model = _model({"regime": "lp_ft", "lp_epochs": 2, "ft_lr_scale": 0.5}, scheduler=False)
+    _trainer(4, es, seen).fit(model, _data(), _data())
+    assert seen.best[0] == float("inf")  # nothing validated yet
+    assert seen.best[1] < float("inf")  # the probe's best loss
+    assert seen.best[2] == float("inf")  # restarted when the backbone unfroze
+    assert seen.best[3] < float("inf")

@@ -11,7 +11,7 @@ Prints a table and writes ``bench.json`` (path printed at the end):
 * ``data_images_per_second`` / ``model_images_per_second``: the DataModule alone against
   the training step alone, to show which one limits.
 
-    python -m transferkit.bench [--per-class 200] [--epochs 2] [--out bench.json]
+    python -m transferkit.bench [--per-class 300] [--epochs 2] [--out bench.json]
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def data_alone(per_class: int, augment: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--per-class", type=int, default=200, help="training images per class")
+    parser.add_argument("--per-class", type=int, default=300, help="training images per class")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("bench.json"))
     args = parser.parse_args()
@@ -156,6 +156,7 @@ def main() -> None:
         f"transferkit bench: {pc * 10:,} training images (64 px, batch 64), {ep} epochs, "
         f"{torch.get_num_threads()} threads, {cpu}"
     )
+    bare_loop(10, 1, None)  # warm-up (allocator, thread pool) so the first timing is fair
     for name, blocks, extra in (
         ("full", None, ["finetune=full"]),
         ("partial", PARTIAL_BLOCKS,

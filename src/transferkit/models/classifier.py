@@ -231,7 +231,7 @@ class ImageClassifier(L.LightningModule):
             self.log("train/l1", l1, on_step=False, on_epoch=True, sync_dist=True)
             loss = loss + l1
         hard = y.argmax(-1) if y.ndim == 2 else y
-        self.train_acc(logits, hard)
+        self.train_acc.update(logits, hard)  # batch values are not needed: no extra compute
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
@@ -240,11 +240,11 @@ class ImageClassifier(L.LightningModule):
         logits = self._logits(x)
         self.log(f"{stage}/loss", F.cross_entropy(logits, y), prog_bar=True, sync_dist=True)
         acc = getattr(self, f"{stage}_acc")
-        acc(logits, y)
+        acc.update(logits, y)
         self.log(f"{stage}/acc", acc, prog_bar=True)
         if self.top5:
             acc5 = getattr(self, f"{stage}_acc5")
-            acc5(logits, y)
+            acc5.update(logits, y)
             self.log(f"{stage}/acc_top5", acc5)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
