@@ -88,7 +88,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     samples = Samples(labels=label_map[samples.labels], images=samples.images, paths=samples.paths)
     transform = build_transform(model.preprocessing, train=False)  # the checkpoint's, not data's
     loader = DataLoader(
-        ImageDataset(samples, transform), batch_size=dm.batch_size, num_workers=dm.num_workers
+        ImageDataset(samples, transform), batch_size=dm.batch_size, **dm.loader_settings()
     )
     model.to(device_of(cfg.device))
     logits, labels = collect_logits(model, loader, f"evaluate ({cfg.split}: {len(samples)})")

@@ -220,21 +220,25 @@ class ImageDataModule(L.LightningDataModule):
             return isinstance(trainer.accelerator, CUDAAccelerator)
         return torch.cuda.is_available()
 
-    def _loader(self, split: str, train: bool) -> DataLoader:
+    def loader_settings(self) -> dict[str, Any]:
+        """``num_workers`` and ``pin_memory`` with ``auto`` resolved for the accelerator."""
         workers, pin = self.num_workers, self.pin_memory
         if workers == "auto":
             workers = min(8, os.cpu_count() or 1) if self._on_gpu() else 0
         if pin == "auto":
             pin = self._on_gpu()
+        return {"num_workers": int(workers), "pin_memory": bool(pin)}
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        settings = self.loader_settings()
         return DataLoader(
             self.image_dataset(split, train),
             batch_size=self.batch_size,
             shuffle=train,
             # only drop a last batch of one image (BatchNorm cannot train on it)
             drop_last=train and len(self.splits[split]) % self.batch_size == 1,
-            num_workers=int(workers),
-            persistent_workers=int(workers) > 0,
-            pin_memory=bool(pin),
+            persistent_workers=settings["num_workers"] > 0,
+            **settings,
         )
 
     def train_dataloader(self) -> DataLoader:
