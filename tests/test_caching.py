@@ -59,6 +59,9 @@ def test_cache_decision_rules():
     for plan, kw, reason in cases:
         split, why = _decide(model, plan, **kw)
         assert split is None and reason in why, (plan.regime, why)
+    dropping = ImageClassifier("test_efficientnet", num_classes=3, image_size=32, drop_rate=0.3)
+    split, why = _decide(dropping, Plan("linear_probe", n, 0))
+    assert split is None and "drop_rate" in why
     vit = ImageClassifier("test_vit", num_classes=3, image_size=32)
     split, why = _decide(vit, Plan("partial", vit.num_blocks, 2))
     assert split is None and "VisionTransformer" in why

@@ -67,3 +67,13 @@ def test_cli_ddp_cpu_one_run_dir_one_summary(tmp_path):
     assert summaries == [run_dirs[0] / "summary.json"]
     summary = json.loads(summaries[0].read_text())
     assert summary["plan"]["regime"] == "gradual" and summary["epochs"] == 2
+
+
+def test_sync_batchnorm_is_refused_with_the_alternative(image_folder, tmp_path, make_cfg):
+    from transferkit.finetune import build
+
+    from .conftest import tiny_overrides
+
+    cfg = make_cfg(*tiny_overrides(image_folder, tmp_path, "trainer.sync_batchnorm=true"))
+    with pytest.raises(ValueError, match="model.backbone_norm=syncbn"):
+        build(cfg)

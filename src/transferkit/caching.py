@@ -8,6 +8,7 @@ frozen prefix once per image, then train the rest of the network on the cached o
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,8 @@ def cache_decision(
         why_not = "mixup mixes input images"
     elif drop_path_rate:
         why_not = "stochastic depth (drop_path_rate) makes frozen blocks random"
+    elif float(getattr(backbone, "drop_rate", 0.0) or 0.0) > 0 and plan.trainable_blocks == 0:
+        why_not = "the backbone's drop_rate applies dropout to the features in training"
     split = None
     if why_not is None:
         if plan.trainable_blocks == 0 and not any(p.requires_grad for p in backbone.parameters()):
@@ -182,8 +185,9 @@ def compute_features(
         store = torch.empty(shape, dtype=torch.float16)
     else:
         disk_dir.mkdir(parents=True, exist_ok=True)
-        store = np.lib.format.open_memmap(
-            disk_dir / f"{name}.npy", mode="w+", dtype=np.float16, shape=shape
+        rank = int(os.environ.get("LOCAL_RANK", 0)) + 1000 * int(os.environ.get("NODE_RANK", 0))
+        store = np.lib.format.open_memmap(  # one file per process: ranks never share one
+            disk_dir / f"{name}.rank{rank}.npy", mode="w+", dtype=np.float16, shape=shape
         )
     log.info("caching %s: %d x %s = %.1f MB as %s", name, n, tuple(shape[1:]), need / 2**20,
              "float16 on disk" if isinstance(store, np.ndarray) else str(dtype))  # fmt: skip

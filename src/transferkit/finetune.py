@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from transferkit.caching import CachedFeatureDataModule, cache_decision
 from transferkit.callbacks.fit_diagnosis import FitDiagnosis
@@ -43,7 +44,7 @@ class MissingPackageError(ImportError):
 #: Mistakes a user can make in a config or their data: reported without a traceback.
 USER_ERRORS = (
     ValueError, TypeError, FileNotFoundError, WeightsUnavailableError, KeyError,
-    MissingPackageError,
+    MissingPackageError, MissingMandatoryValue,
 )  # fmt: skip
 DEFAULT_EPOCHS = 5
 VALIDATIONS_PER_RUN = 10
@@ -86,8 +87,26 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     if trainer_cfg.get("max_epochs") is None:
         trainer_cfg["max_epochs"] = plan.epochs or DEFAULT_EPOCHS
     if trainer_cfg.get("check_val_every_n_epoch") is None:
-        trainer_cfg["check_val_every_n_epoch"] = max(
-            1, trainer_cfg["max_epochs"] // VALIDATIONS_PER_RUN
+        # about VALIDATIONS_PER_RUN validations, on an interval that divides the budget so the
+        # last epoch is validated (and can become the best checkpoint)
+        every = max(1, trainer_cfg["max_epochs"] // VALIDATIONS_PER_RUN)
+        while trainer_cfg["max_epochs"] % every:
+            every -= 1
+        trainer_cfg["check_val_every_n_epoch"] = every
+    if trainer_cfg.get("sync_batchnorm"):
+        raise ValueError(
+            "trainer.sync_batchnorm=true uses torch's converter, which drops the activation "
+            "timm fuses into its BatchNorm layers (BatchNormAct2d). Use "
+            "model.backbone_norm=syncbn instead, which converts them keeping it."
+        )
+    late = [e for e, _ in plan.schedule if e >= trainer_cfg["max_epochs"]]
+    if late and plan.trigger == "epochs":
+        log.warning(
+            "the %s schedule steps at epochs %s fall outside the %d-epoch budget and will not "
+            "happen; raise trainer.max_epochs or shorten the schedule",
+            plan.regime,
+            late,
+            trainer_cfg["max_epochs"],
         )
     trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
     fit_dm, cache = _feature_cache(cfg, dm, model, plan)
@@ -186,7 +205,7 @@ def finetune(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         "train_size": len(dm.splits["train"]),
         "val_size": len(dm.splits.get("val", ())),
         "test_size": len(dm.splits.get("test", ())),
-        "trainable_blocks": plan.max_trainable,
+        "trainable_blocks": max(model.current_trainable, plan.trainable_blocks),  # reached
         "total_blocks": plan.total_blocks,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "total_params": sum(p.numel() for p in model.parameters()),

@@ -48,7 +48,7 @@ def _fit_speed(overrides: list[str]) -> float:
         cfg = compose(config_name="finetune", overrides=overrides)
     objects = build(cfg)
     trainer = objects["trainer"]
-    trainer.fit(objects["model"], datamodule=objects["datamodule"])
+    trainer.fit(objects["model"], datamodule=objects["fit_datamodule"])
     speed = next(c for c in trainer.callbacks if isinstance(c, TrainSpeed))
     return speed.images_per_second
 

@@ -41,6 +41,7 @@ class FinetuneSchedule(L.Callback):
         self.monitor, self.mode = monitor, mode
         self.applied_scale = 1.0
         self.stage = 0
+        self.applied_stage = 0
         self.best = math.inf if mode == "min" else -math.inf
         self.wait = 0
 
@@ -54,8 +55,8 @@ class FinetuneSchedule(L.Callback):
             k = plan.trainable_at(epoch)
             scale = plan.lr_scale_at(epoch)
         if k != pl_module.current_trainable:
-            if plan.trigger == "plateau":
-                phase_change = epoch > 0
+            if plan.trigger == "plateau":  # a stage reached in this process, not restored
+                phase_change = self.stage != self.applied_stage
             else:  # from the plan alone, so a resumed run decides as the original did
                 phase_change = epoch > 0 and plan.trainable_at(epoch - 1) != k
             pl_module.apply_trainable(k)
@@ -64,6 +65,7 @@ class FinetuneSchedule(L.Callback):
             )
             if phase_change:
                 self._restart_early_stopping(trainer)
+        self.applied_stage = self.stage
         if scale != self.applied_scale:
             self._scale_lrs(trainer, scale / self.applied_scale)
             self.applied_scale = scale
@@ -102,9 +104,9 @@ class FinetuneSchedule(L.Callback):
     def _scale_lrs(trainer: L.Trainer, ratio: float) -> None:
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
-                group["lr"] *= ratio
-                if "initial_lr" in group:
-                    group["initial_lr"] *= ratio
+                for key in ("lr", "initial_lr", "max_lr", "min_lr"):  # max/min: OneCycleLR
+                    if key in group:
+                        group[key] *= ratio
         for config in trainer.lr_scheduler_configs:
             base = getattr(config.scheduler, "base_lrs", None)
             if base is not None:
@@ -114,6 +116,7 @@ class FinetuneSchedule(L.Callback):
         return {
             "applied_scale": self.applied_scale,
             "stage": self.stage,
+            "applied_stage": self.applied_stage,
             "best": self.best,
             "wait": self.wait,
         }
@@ -121,5 +124,6 @@ class FinetuneSchedule(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.applied_scale = float(state_dict["applied_scale"])
         self.stage = int(state_dict.get("stage", 0))
+        self.applied_stage = int(state_dict.get("applied_stage", self.stage))
         self.best = float(state_dict.get("best", self.best))
         self.wait = int(state_dict.get("wait", 0))
