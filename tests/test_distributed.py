@@ -75,5 +75,5 @@ def test_sync_batchnorm_is_refused_with_the_alternative(image_folder, tmp_path, 
     from .conftest import tiny_overrides
 
     cfg = make_cfg(*tiny_overrides(image_folder, tmp_path, "trainer.sync_batchnorm=true"))
-    with pytest.raises(ValueError, match="model.backbone_norm=syncbn"):
+    with pytest.raises(ValueError, match=r"model\.backbone_norm=syncbn"):
         build(cfg)
