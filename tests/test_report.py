@@ -45,7 +45,7 @@ def test_read_epoch_metrics_one_row_per_epoch(tmp_path):
     ("train", "val", "expected"),
     [
         ([1.0, 0.8, 0.6, 0.4], [1.0, 0.9, 0.8, 0.7], None),  # both fall: no overfitting
-        ([1.0, 0.8, 0.6, 0.4], [1.0, 0.7, 0.9, 1.2], 2),  # val turns up at epoch 2, train falls
+        ([1.0, 0.8, 0.6, 0.4], [1.0, 0.7, 0.9, 1.2], 2),  # val turns up after epoch 2, train falls
         ([1.0, 0.8, 0.9, 1.0], [1.0, 0.7, 0.9, 1.2], None),  # both rise: not overfitting
         ([1.0, 0.8, 0.6, 0.4], [1.0, 0.7, 0.702, 0.701], None),  # noise-level rise
         ([1.0, math.nan, 0.6], [1.0, math.nan, 1.5], 1),  # gaps (validation every n epochs)

@@ -29,12 +29,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from transferkit.callbacks.fit_diagnosis import diagnose_fit
 from transferkit.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
 CURVE_KEYS = ("train/loss", "val/loss", "train/acc", "val/acc")
-OVERFIT_MIN_RISE = 0.01  # relative rise of the validation loss that counts as overfitting
 VERSIONED = ("transferkit", "torch", "timm", "lightning", "torchmetrics", "hydra-core")
 
 
@@ -74,22 +74,18 @@ def best_epoch(epochs: Sequence[float], values: Sequence[float], mode: str) -> f
 def overfitting_epoch(
     epochs: Sequence[float], train_loss: Sequence[float], val_loss: Sequence[float]
 ) -> float | None:
-    """The epoch after which validation loss rises while training loss keeps falling.
+    """The epoch of lowest validation loss when the run overfits, else None.
 
-    That is the epoch of lowest validation loss, when some later epoch has both a higher
-    validation loss and a lower training loss; None when the curves never diverge.
+    One definition with the ``fit`` verdict in ``summary.json``: this asks
+    ``diagnose_fit`` (the FitDiagnosis callback's rule) about the same curves.
     """
-    rows = [
-        (e, t, v)
+    history = [
+        {"epoch": e, "train_loss": t, "val_loss": v}
         for e, t, v in zip(epochs, train_loss, val_loss, strict=True)
         if not (math.isnan(t) or math.isnan(v))
     ]
-    if len(rows) < 2:
-        return None
-    i = min(range(len(rows)), key=lambda j: rows[j][2])
-    e0, t0, v0 = rows[i]
-    rise = v0 + OVERFIT_MIN_RISE * abs(v0)  # ignore noise-level wiggles
-    return e0 if any(v > rise and t < t0 for _, t, v in rows[i + 1 :]) else None
+    verdict = diagnose_fit(history, num_classes=2)  # the class count only matters for underfit
+    return verdict["evidence"]["val_loss_min_epoch"] if verdict["fit"] == "overfitting" else None
 
 
 def plot_learning_curves(
