@@ -104,3 +104,22 @@ def test_soft_target_loss_is_cross_entropy_with_probabilities():
     assert torch.isfinite(loss)
     with pytest.raises(ValueError, match="mixup_alpha=-1"):
         BatchMixup(3, mixup_alpha=-1)
+
+
+@pytest.mark.parametrize("name", ["strong", "autoaugment"])
+def test_policies_never_posterize_to_zero_bits(name, make_cfg):
+    """timm's increasing Posterize keeps 4 - 4·level/10 bits: 0 at the top magnitude, which
+    Pillow refuses. The shipped policies must stay below that (augment=strong crashed runs)."""
+    cfg = make_cfg(f"augment={name}")
+    augment = OmegaConf.to_container(cfg.augment, resolve=True)
+    tf = build_transform(PRE, train=True, augment=augment)
+    policy = next(t for t in _ops(tf) if isinstance(t, (RandAugment, AutoAugment)))
+    ops = policy.ops if isinstance(policy, RandAugment) else [o for p in policy.policy for o in p]
+    posterize = [op for op in ops if op.name.startswith("Posterize")]
+    assert posterize
+    for op in posterize:
+        top = op.magnitude_max or 10.0
+        assert op.level_fn(top, op.hparams)[0] >= 1, (name, op.name)
+        img = Image.new("RGB", (8, 8), (120, 30, 200))
+        op.prob, op.magnitude, op.magnitude_std = 1.0, top, 0.0
+        op(img)  # Pillow accepts it
