@@ -25,6 +25,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from transferkit.caching import CachedFeatureDataModule, cache_decision
 from transferkit.callbacks.fit_diagnosis import FitDiagnosis
+from transferkit.callbacks.history import History
 from transferkit.callbacks.speed import TrainSpeed
 from transferkit.checkpoint_io import check_resume
 from transferkit.distributed import check_multirun, scaled_optimizer
@@ -188,6 +189,7 @@ def finetune(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     fit_seconds = time.perf_counter() - start
     # Before testing: restoring the best checkpoint also restores the callbacks' state.
     fit = next((c.result() for c in trainer.callbacks if isinstance(c, FitDiagnosis)), None)
+    history = next((c.rows for c in trainer.callbacks if isinstance(c, History)), None)
 
     checkpoint = trainer.checkpoint_callback
     best_path = getattr(checkpoint, "best_model_path", "") or None
@@ -222,6 +224,7 @@ def finetune(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         "fit": fit and fit["fit"],  # overfitting | underfitting | ok (FitDiagnosis callback)
         "fit_evidence": fit and fit["evidence"],
         "lr_find": lr_find,
+        "history": history,  # learning curves per epoch (History callback)
         "plan": {
             **{k: plan.as_dict()[k] for k in ("regime", "trainable_blocks", "total_blocks")},
             "rule": plan.rule,
@@ -231,7 +234,8 @@ def finetune(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         },
     }
     _write_summary(out_dir, summary)
-    write_run_report(cfg, summary, objects)
+    if cfg.get("report", True):
+        write_run_report(cfg, summary, objects)
     return summary, objects
 
 

@@ -1,15 +1,17 @@
-"""Learning-rate schedules with one contract: ``factory(optimizer, total_steps, **options)``.
+"""Learning-rate schedules with one contract, ``factory(optimizer, total_steps, **options)``,
+and the L-BFGS adapter (``optimizer=lbfgs``).
 
-Hydra configs in ``conf/scheduler/`` select them with ``_partial_: true``; the module passes
-the optimizer and the number of optimizer steps (``trainer.estimated_stepping_batches``).
+Hydra configs in ``conf/scheduler/`` select the schedules with ``_partial_: true``; the module
+passes the optimizer and the number of optimizer steps (``trainer.estimated_stepping_batches``).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Iterable
+from typing import Any, Literal
 
-from torch.optim import Optimizer
+from torch.optim import LBFGS, Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR, ReduceLROnPlateau
 
 
@@ -98,3 +100,56 @@ def plateau(
     if mode not in ("min", "max"):
         raise ValueError(f"scheduler.scheduler.mode={mode!r}; choose 'min' or 'max'.")
     return ReduceLROnPlateau(optimizer, mode=mode, factor=factor, patience=patience)
+
+
+def lbfgs(
+    params: Iterable[Any],
+    lr: float = 1.0,
+    max_iter: int = 20,
+    history_size: int = 10,
+    line_search_fn: str | None = "strong_wolfe",
+    weight_decay: float = 0.0,
+    tolerance_grad: float = 1e-7,
+    tolerance_change: float = 1e-9,
+) -> LBFGS:
+    """``torch.optim.LBFGS`` fed with the module's parameter groups.
+
+    L-BFGS takes one parameter group (one learning rate) and has no weight decay; the module
+    hands over a head group and, for the decay/no-decay split, a second group at the same LR.
+    These are merged. Each optimizer step runs up to ``max_iter`` iterations, re-evaluating the
+    loss through Lightning's closure: use it full-batch (``data.batch_size`` at least the
+    training-set size), on cached features (``finetune=linear_probe``), where it is exact.
+
+    Raises:
+        ValueError: groups at different learning rates (layer-wise LRs, ``lp_ft``), or a
+            weight decay; both name the fix.
+    """
+    groups = list(params)
+    if groups and not isinstance(groups[0], dict):
+        groups = [{"params": groups}]
+    lrs = sorted({float(g.get("lr", lr)) for g in groups})
+    if len(lrs) > 1:
+        raise ValueError(
+            f"optimizer=lbfgs takes one learning rate, but the fine-tuning plan gives parameter "
+            f"groups at {lrs}: use finetune.layer_decay=1.0 and a regime without an LR change "
+            "(finetune=linear_probe or partial)."
+        )
+    if weight_decay or any(g.get("weight_decay", 0.0) for g in groups):
+        raise ValueError(
+            "optimizer=lbfgs has no weight decay: set optimizer.weight_decay=0 (regularise with "
+            "regularization.l1 or model.head.dropout instead)."
+        )
+    if line_search_fn not in (None, "strong_wolfe"):
+        raise ValueError(
+            f"optimizer.line_search_fn={line_search_fn!r}; choose strong_wolfe or null."
+        )
+    merged = [p for g in groups for p in g["params"]]
+    return LBFGS(
+        merged,
+        lr=lrs[0] if lrs else lr,
+        max_iter=max_iter,
+        history_size=history_size,
+        line_search_fn=line_search_fn,
+        tolerance_grad=tolerance_grad,
+        tolerance_change=tolerance_change,
+    )
