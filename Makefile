@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all lint format finetune evaluate predict export sweep-depth clean lr-find gpu-check bench
+.PHONY: help install test test-all lint format finetune evaluate predict export sweep-depth clean lr-find gpu-check bench experiments
 
 SWEEP_DIR ?= multirun/sweep-depth
 SWEEP_SMALL ?= 10,100
@@ -57,6 +57,9 @@ sweep-depth: ## Depth x data-size sweep, plus auto, lp_ft, gradual -> $(SWEEP_DI
 	$(SWEEP) finetune=auto data.limit_per_class=$(SWEEP_SMALL),$(SWEEP_LARGE) $(ARGS)
 	$(SWEEP) finetune=lp_ft,gradual finetune.steps=150 data.limit_per_class=$(SWEEP_SMALL) $(ARGS)
 	$(PY) -m transferkit.sweep $(SWEEP_DIR)
+
+experiments: ## The lecture's claims, measured -> experiments/report.md (~45 min); ARGS=--quick (~6 min)
+	$(PY) -m transferkit.experiments $(ARGS)
 
 evaluate: ## Test metrics + confusion matrix of ckpt=PATH; ARGS="data=image_folder data.root=DIR split=all"
 	$(VENV)/bin/transferkit-evaluate $(if $(ckpt),ckpt=$(ckpt)) $(ARGS)
