@@ -1,6 +1,7 @@
 """Learning curves: one row per training epoch, kept in ``summary.json`` under ``history``.
 
-Each row has the epoch, the optimizer steps and wall-clock seconds since the fit started,
+Each row has the epoch, the optimizer steps and wall-clock seconds since the fit started
+(so they include building a feature cache and the sanity check: the user's wall time),
 the epoch means of the training loss and accuracy, the validation loss and accuracy when
 that epoch validated (else absent), the head's (largest) learning rate and, for L-BFGS, its
 iterations and loss evaluations so far. ``make experiments`` plots these; users can plot
