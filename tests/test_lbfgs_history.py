@@ -50,3 +50,20 @@ def test_history_records_curves_per_epoch(image_folder, tmp_path, make_cfg):
     # validation ran after epochs 1 and 3 only, and only those rows carry it
     assert ["val_loss" in r for r in hist] == [False, True, False, True]
     assert 0.0 <= hist[-1]["val_acc"] <= 1.0
+
+
+def test_lbfgs_config_builds_one_group_with_its_options(make_cfg):
+    from hydra.utils import instantiate
+
+    from transferkit.models import ImageClassifier
+
+    cfg = make_cfg("optimizer=lbfgs")
+    model = ImageClassifier("test_efficientnet", 3, image_size=32,
+                            optimizer=instantiate(cfg.optimizer))  # fmt: skip
+    opt = model.configure_optimizers()
+    assert isinstance(opt, torch.optim.LBFGS) and len(opt.param_groups) == 1
+    group = opt.param_groups[0]
+    assert group["lr"] == 1.0 and group["max_iter"] == 20 and group["history_size"] == 10
+    assert group["line_search_fn"] == "strong_wolfe"
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert {id(p) for p in group["params"]} == {id(p) for p in trainable}

@@ -118,8 +118,7 @@ def test_policies_never_posterize_to_zero_bits(name, make_cfg):
     posterize = [op for op in ops if op.name.startswith("Posterize")]
     assert posterize
     for op in posterize:
-        top = op.magnitude_max or 10.0
-        assert op.level_fn(top, op.hparams)[0] >= 1, (name, op.name)
-        img = Image.new("RGB", (8, 8), (120, 30, 200))
-        op.prob, op.magnitude, op.magnitude_std = 1.0, top, 0.0
-        op(img)  # Pillow accepts it
+        for level in (0.0, op.magnitude_max or 10.0):  # both ends of the magnitude range
+            assert op.level_fn(level, op.hparams)[0] >= 1, (name, op.name, level)
+            op.prob, op.magnitude, op.magnitude_std = 1.0, level, 0.0
+            op(Image.new("RGB", (8, 8), (120, 30, 200)))  # Pillow accepts it
