@@ -469,9 +469,14 @@ def section_overfitting(runs: list[Run], fig_dir: Path) -> tuple[str, list[str]]
         s = good[name]
         ax.plot(*curve(s, "train_loss"), "-", label="train")
         ax.plot(*curve(s, "val_loss"), "o--", ms=3, label="val")
-        ax.set_title(f"{name} ({s.get('fit') or '?'})", fontsize=9)
-        ax.grid(alpha=0.3)
         ev = s.get("fit_evidence") or {}
+        if "val_loss_min_epoch" in ev:  # where the validation loss bottomed out
+            ax.axvline(ev["val_loss_min_epoch"], color="grey", ls=":", lw=1)
+        delta = ""
+        if base is not None and name != "none":
+            delta = f", {(s['test_acc'] - base['test_acc']) * 100:+.1f} pts"
+        ax.set_title(f"{name}: {s.get('fit') or '?'}, test {s['test_acc']:.3f}{delta}", fontsize=9)
+        ax.grid(alpha=0.3)
         gap = ev.get("gap_last")
         effect = []
         d_acc = ""
@@ -502,7 +507,12 @@ def section_overfitting(runs: list[Run], fig_dir: Path) -> tuple[str, list[str]]
         ax.set_ylabel("loss")
     save_figure(fig, fig_dir / "overfitting.png")
     save_csv(fig_dir.parent / "tables" / "overfitting.csv", header, rows)
-    figure = "![train and validation loss per remedy](figures/overfitting.png)"
+    figure = (
+        "![train and validation loss per remedy](figures/overfitting.png)\n\nEach panel: "
+        "training loss (line) and validation loss (dots) per epoch, the epoch of the lowest "
+        "validation loss dotted, the fit verdict, the test accuracy and its change against no "
+        "remedy."
+    )
     text = table(header, rows) + f"\n{figure}\n\n"
     verdicts = []
     if base is not None:
