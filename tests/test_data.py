@@ -6,7 +6,7 @@ from PIL import Image
 from transferkit.data import AnimalMNISTDataModule, ImageFolderDataModule
 from transferkit.data.animal_mnist import CLASSES, load_animal_mnist
 from transferkit.data.image_folder import scan_image_folder
-from transferkit.data.samples import limit_per_class, stratified_split
+from transferkit.data.samples import interleave_classes, limit_per_class, stratified_split
 from transferkit.data.transforms import Cutout
 
 from .conftest import write_images
@@ -35,6 +35,37 @@ def test_limit_per_class():
     labels = np.repeat(np.arange(3), [5, 20, 30])
     idx = limit_per_class(labels, 10, seed=0)
     assert np.bincount(labels[idx]).tolist() == [5, 10, 10]
+
+
+def test_interleave_classes_keeps_every_prefix_stratified():
+    labels = np.array([0] * 5 + [1] * 5 + [2] * 10)  # grouped by class, as sources give them
+    order = interleave_classes(labels)
+    assert sorted(order.tolist()) == list(range(len(labels)))  # a permutation
+    for k in range(1, len(labels) + 1):
+        counts = np.bincount(labels[order[:k]], minlength=3)
+        expected = np.array([5, 5, 10]) * k / len(labels)
+        assert np.all(np.abs(counts - expected) <= 1), (k, counts)
+    within = [i for i in order if labels[i] == 2]
+    assert within == sorted(within)  # the order inside a class is kept
+
+
+def test_limited_validation_batches_see_every_class():
+    """trainer.limit_val_batches=2 (debug=fast) validated on class 0 alone before."""
+    dm = AnimalMNISTDataModule(limit_per_class=10, seed=3, batch_size=32)
+    dm.setup()
+    dm.set_preprocessing({"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic"})
+    for loader in (dm.val_dataloader(), dm.test_dataloader()):
+        _, y = next(iter(loader))
+        assert torch.bincount(y, minlength=10).min() >= 3  # 32 images, 10 classes
+    # the same images (and labels) as the seeded stratified split, only in another order
+    images, labels = load_animal_mnist()
+    for name, idx in zip(("val", "test"), stratified_split(labels, [0.1, 0.1], 3, CLASSES)[1:],
+                         strict=True):  # fmt: skip
+        split = dm.splits[name]
+        assert split.images is not None
+        got = sorted((int(y), x.tobytes()) for x, y in zip(split.images, split.labels, strict=True))
+        want = sorted((int(labels[i]), images[i].tobytes()) for i in idx)
+        assert got == want, name
 
 
 def test_animal_mnist_reads_the_package_files():

@@ -19,7 +19,12 @@ from tqdm.auto import tqdm
 from transferkit.data.animal_mnist import CLASSES as ANIMAL_CLASSES
 from transferkit.data.animal_mnist import load_animal_mnist
 from transferkit.data.image_folder import scan_image_folder
-from transferkit.data.samples import Samples, limit_per_class, stratified_split
+from transferkit.data.samples import (
+    Samples,
+    interleave_classes,
+    limit_per_class,
+    stratified_split,
+)
 from transferkit.data.transforms import build_transform
 
 log = logging.getLogger(__name__)
@@ -165,6 +170,9 @@ class ImageDataModule(L.LightningDataModule):
             splits["train"] = splits["train"].subset(
                 limit_per_class(splits["train"].labels, self.limit, self.seed)
             )
+        for name in ("val", "test"):  # classes take turns: any prefix of a split is stratified
+            if len(splits.get(name, ())):
+                splits[name] = splits[name].subset(interleave_classes(splits[name].labels))
         self.classes, self.splits = classes, splits
         log.info(
             "data: %d classes; train %d, val %d, test %d images",
