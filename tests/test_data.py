@@ -47,6 +47,9 @@ def test_interleave_classes_keeps_every_prefix_stratified():
         assert np.all(np.abs(counts - expected) <= 1), (k, counts)
     within = [i for i in order if labels[i] == 2]
     assert within == sorted(within)  # the order inside a class is kept
+    # a rare class is not pushed back behind a large one
+    skewed = np.array([0] * 100 + list(range(1, 21)))
+    assert set(skewed[interleave_classes(skewed)[:21]]) == set(range(21))
 
 
 def test_limited_validation_batches_see_every_class():

@@ -335,10 +335,17 @@ def section_pretraining(runs: list[Run], fig_dir: Path) -> tuple[str, list[str]]
             support.append(False)
             continue
         sooner = reach_rand / reach_pre if reach_pre > 0 else math.inf
+        first = curve(pre, "val_acc", "seconds")[0][:1]
+        at_first = bool(first) and reach_pre <= first[0]  # no earlier measurement: a bound
+        when = (
+            f"already at its first validation ({reach_pre:.0f} s, so at least {sooner:.0f}× sooner)"
+            if at_first
+            else f"after {reach_pre:.0f} s ({sooner:.0f}× sooner)"
+        )
         verdicts.append(
             f"At {size} images per class the pretrained network reached random init's best "
-            f"validation accuracy ({target:.3f}) after {reach_pre:.0f} s instead of "
-            f"{reach_rand:.0f} s ({sooner:.0f}× sooner) and ended {abs(lead):.1f} points "
+            f"validation accuracy ({target:.3f}) {when}, where random init needed "
+            f"{reach_rand:.0f} s, and ended {abs(lead):.1f} points "
             f"{'ahead' if lead >= 0 else 'behind'} on the test set."
         )
         support.append(reach_pre < reach_rand and lead > 0)
@@ -529,6 +536,14 @@ def section_overfitting(runs: list[Run], fig_dir: Path) -> tuple[str, list[str]]
             )
         else:
             verdicts.append("No remedy raised test accuracy by half a point or more here.")
+    rising = [
+        n
+        for n, sm in good.items()
+        if sm.get("fit") == "ok"
+        and (ev := sm.get("fit_evidence") or {}).get("val_loss_last", 0)
+        > 1.05 * ev.get("val_loss_min", math.inf)
+    ]
+    climbing = f" ({', '.join(rising)} here)" if rising else ""
     text += (
         " ".join(verdicts)
         + "\n\n"
@@ -539,7 +554,10 @@ def section_overfitting(runs: list[Run], fig_dir: Path) -> tuple[str, list[str]]
             "Every run, the baseline included, tests the checkpoint with the best validation "
             "accuracy, which is itself early stopping by model selection: the early_stopping "
             "row differs mainly in the epochs it trains (the time it saves), not in the weights "
-            "tested. "
+            "tested. The fit verdict is `summary.json`'s rule: the validation loss rose more "
+            "than 5% above its minimum *while the training loss kept falling*; a run whose "
+            "training loss also rose at the end is called ok even when its validation loss "
+            f"climbs{climbing}: read the curves too. "
             "A single seed at 100 training images: differences under a point are noise.\n"
         )
     )
@@ -705,9 +723,12 @@ def section_second_order(runs: list[Run], fig_dir: Path) -> tuple[str, list[str]
     save_csv(fig_dir.parent / "tables" / "second_order.csv", header, rows)
     text = table(header, rows) + "\n![L-BFGS vs Adam](figures/second_order.png)\n\n"
     text += (
-        "Seconds per step are measured between the first and the last epoch's end, validation "
-        "included, so building the feature cache (the same for both) does not count; the fit "
-        "time includes it. Both runs stop early when the validation loss stops improving.\n\n"
+        "Seconds per step are measured between the first and the last epoch's end, so building "
+        "the feature cache (the same for both) does not count; the fit time includes it. They "
+        "include validation, which runs once per epoch: once per L-BFGS step but once per 16 "
+        "Adam steps, so the ratio below overstates the cost of an L-BFGS step somewhat. Early "
+        "stopping (validation loss, patience 3) is on for both: compare the step counts with "
+        "the budgets.\n\n"
     )
     verdicts = []
     lb, ad = good.get("lbfgs"), good.get("adam")
@@ -796,16 +817,18 @@ EXPERIMENTS: dict[str, Experiment] = {
             "pretraining",
             "Pre-training mostly buys development time",
             "ImageNet-pretrained weights against random init, everything trainable, the same "
-            "200-step budget, at 100 and 800 images per class.",
+            "200-step budget, at 100 and 800 images per class. Early stopping is off, so both "
+            "spend the whole budget; the checkpoint with the best validation accuracy is "
+            "tested.",
             section_pretraining,
             quick=({"data.limit_per_class": "10", "finetune.steps": "6"},),
         ),
         Experiment(
             "depth_sweep",
             "How deep to fine-tune depends on how much data you have",
-            "Trainable depth (0, a quarter, half, all of the 17 blocks) at 10, 100 and 800 "
-            "images per class, at the step budget the auto table gives each size, and where "
-            "`finetune=auto` lands.",
+            "Trainable depth (0, a quarter, half and all of the 17 blocks at 10 and 100 images "
+            "per class; 0, a quarter and all at 800) at the step budget the auto table gives "
+            "each size, and where `finetune=auto` lands.",
             section_depth,
             sweeps=(
                 {},
@@ -870,8 +893,8 @@ EXPERIMENTS: dict[str, Experiment] = {
             "second_order",
             "First- vs second-order optimisation",
             "The head alone is fitted on cached frozen features (100 images per class): "
-            "L-BFGS full-batch (up to 10 steps of up to 20 iterations) against Adam on batches "
-            "of 64 (up to 300 steps).",
+            "L-BFGS full-batch (a budget of 10 steps of up to 20 iterations) against Adam on "
+            "batches of 64 (a budget of 300 steps, 19 epochs of 16).",
             section_second_order,
             quick=({"data.limit_per_class": "5", "trainer.max_epochs": "2"},),
         ),
@@ -880,7 +903,8 @@ EXPERIMENTS: dict[str, Experiment] = {
             "Normalisation in the head at small batches",
             "An MLP head with BatchNorm, Batch Renormalization, LayerNorm, GroupNorm or no "
             "norm, trained on the frozen backbone's features (100 images per class, 3 epochs) "
-            "at batch sizes 4, 8 and 32.",
+            "at batch sizes 4, 8 and 32. The same epochs at every batch size: batch 4 takes 8× "
+            "the steps of batch 32.",
             section_head_norms,
             quick=(
                 {"data.limit_per_class": "5", "data.batch_size": "4,32", "trainer.max_epochs": "1"},
@@ -915,10 +939,17 @@ def write_report(
                 " ".join(f"{k}={v}" for k, v in g.items() if v is not None) for g in exp.quick
             )
             setup += f" **Quick overrides:** `{grids}`."
+        more = [g for g in (exp.quick if quick else exp.sweeps) if g]
+        extra = ""
+        if more and not quick:
+            extra = "; `make experiments` also runs " + " and ".join(
+                "`" + " ".join(f"{k}={v}" for k, v in g.items() if v is not None) + "`"
+                for g in more
+            )
         sections.append(
             f"## {i}. {exp.title}\n\n**Setup.** {setup} Config: "
             f"`conf/experiment/{name}.yaml` (run it alone with "
-            f'`make finetune ARGS="-m experiment={name}"`); {len(runs)} runs, '
+            f'`make finetune ARGS="-m experiment={name}"`{extra}); {len(runs)} runs, '
             f"{minutes:.1f} min. Table: `tables/{name}.csv`.\n\n{body}"
         )
         if verdicts:

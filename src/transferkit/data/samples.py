@@ -89,17 +89,18 @@ def stratified_split(
 
 
 def interleave_classes(labels: np.ndarray) -> np.ndarray:
-    """An order of ``labels`` in which the classes take turns in proportion to their size.
+    """An order of ``labels`` in which every class appears among the first C images (C
+    classes), and then the classes take turns in proportion to their size.
 
-    Evaluation splits come grouped by class; in this order every prefix is a stratified
-    sample, so ``trainer.limit_val_batches`` / ``limit_test_batches`` (and a partial epoch)
-    see every class instead of the first one only. Within a class the order is kept.
+    Evaluation splits come grouped by class; in this order ``trainer.limit_val_batches`` /
+    ``limit_test_batches`` (and a partial epoch) see every class instead of the first one
+    only. Within a class the order is kept.
     """
     labels = np.asarray(labels)
     key = np.empty(len(labels), dtype=np.float64)
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
-        key[idx] = (np.arange(len(idx)) + 0.5) / len(idx)
+        key[idx] = np.arange(len(idx)) / len(idx)
     return np.lexsort((labels, key))  # by share of the class done, then by class
 
 
