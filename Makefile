@@ -58,7 +58,7 @@ sweep-depth: ## Depth x data-size sweep, plus auto, lp_ft, gradual -> $(SWEEP_DI
 	$(SWEEP) finetune=lp_ft,gradual finetune.steps=150 data.limit_per_class=$(SWEEP_SMALL) $(ARGS)
 	$(PY) -m transferkit.sweep $(SWEEP_DIR)
 
-experiments: ## The lecture's claims, measured -> experiments/report.md (~40 min); ARGS=--quick (~6 min)
+experiments: ## The lecture's claims, measured -> experiments/report.md (~45 min); ARGS=--quick (~6 min)
 	$(PY) -m transferkit.experiments $(ARGS)
 
 evaluate: ## Test metrics + confusion matrix of ckpt=PATH; ARGS="data=image_folder data.root=DIR split=all"
