@@ -140,16 +140,17 @@ def fingerprint(cfg: Any) -> str:
     return hashlib.sha256(OmegaConf.to_yaml(cfg).encode()).hexdigest()[:16]
 
 
-def earlier_result(overrides: list[str], run_dir: Path) -> Run | None:
+def earlier_result(overrides: list[str], config: str, run_dir: Path) -> Run | None:
     """An earlier run in ``run_dir`` of exactly these overrides composing exactly the same
-    config, if any (code changes are not detected: use ``--rerun`` after them)."""
+    config (``config``: its ``fingerprint``), if any. Code changes are not detected: use
+    ``--rerun`` after them."""
     marker, summary_path = run_dir / "run.json", run_dir / "summary.json"
     if not (marker.exists() and summary_path.exists()):
         return None
     record = json.loads(marker.read_text())
     if record.get("overrides") != overrides:
         return None
-    if record.get("config") != fingerprint(_compose(overrides)):
+    if record.get("config") != config:
         return None
     summary = json.loads(summary_path.read_text())
     return {"summary": summary, "seconds": float(record.get("seconds", 0.0)), "reused": True}
@@ -159,13 +160,13 @@ def run_one(overrides: list[str], run_dir: Path, rerun: bool, keep_checkpoints: 
     """Fit one configuration (or reuse its earlier result); errors are returned, not raised."""
     from transferkit.finetune import finetune
 
-    earlier = None if rerun else earlier_result(overrides, run_dir)
+    cfg = _compose(overrides)
+    config = fingerprint(cfg)
+    earlier = None if rerun else earlier_result(overrides, config, run_dir)
     if earlier is not None:
         return earlier
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    cfg = _compose(overrides)
-    config = fingerprint(cfg)
     cfg.paths.output_dir = str(run_dir)  # set after composing: the name holds '=' and ','
 
     start = time.perf_counter()
@@ -207,7 +208,8 @@ def earlier_runs(exp: Experiment, out: Path, quick: bool, user: list[str]) -> li
     """The runs of ``exp`` already on disk (an experiment left out with ``--only``)."""
     runs = []
     for params, overrides in plan_runs(exp, quick, user):
-        earlier = earlier_result(overrides, out / "runs" / exp.name / run_name(params))
+        config = fingerprint(_compose(overrides))
+        earlier = earlier_result(overrides, config, out / "runs" / exp.name / run_name(params))
         if earlier is not None:
             runs.append({"params": params, **earlier})
     return runs
@@ -263,14 +265,26 @@ def save_csv(path: Path, header: list[str], rows: Iterable[list[Any]]) -> None:
     atomic_write_bytes(path, buf.getvalue().encode())
 
 
-def save_figure(fig: Any, path: Path) -> None:
+def save_figure(fig: Any, path: Path, axes: Iterable[Any] = ()) -> None:
+    """Grid on ``axes``, the legend on the first of them, then a PNG written atomically."""
     import matplotlib.pyplot as plt
 
+    axes = list(axes)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    if axes:
+        axes[0].legend(fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def publish(fig_dir: Path, name: str, header: list[str], rows: list[list[Any]], alt: str) -> str:
+    """Write ``tables/<name>.csv``; return the Markdown table and the link to the figure."""
+    save_csv(fig_dir.parent / "tables" / f"{name}.csv", header, rows)
+    return table(header, rows) + f"\n![{alt}](figures/{name}.png)\n\n"
 
 
 def _plt() -> Any:
@@ -355,12 +369,8 @@ def section_pretraining(runs: list[Run], fig_dir: Path) -> tuple[str, list[str]]
         ylabel="validation accuracy",
         title="... by wall time",
     )
-    for ax in (ax_e, ax_t):
-        ax.grid(alpha=0.3)
-    ax_e.legend(fontsize=8)
-    save_figure(fig, fig_dir / "pretraining.png")
-    save_csv(fig_dir.parent / "tables" / "pretraining.csv", header, rows)
-    text = table(header, rows) + "\n![pretrained vs random init](figures/pretraining.png)\n\n"
+    save_figure(fig, fig_dir / "pretraining.png", (ax_e, ax_t))
+    text = publish(fig_dir, "pretraining", header, rows, "pretrained vs random init")
     if verdicts:
         text += " ".join(verdicts) + "\n\n"
     if support and all(support):
@@ -479,14 +489,13 @@ def section_overfitting(runs: list[Run], fig_dir: Path) -> tuple[str, list[str]]
         ev = s.get("fit_evidence") or {}
         if "val_loss_min_epoch" in ev:  # where the validation loss bottomed out
             ax.axvline(ev["val_loss_min_epoch"], color="grey", ls=":", lw=1)
-        delta = ""
-        if base is not None and name != "none":
-            delta = f", {(s['test_acc'] - base['test_acc']) * 100:+.1f} pts"
-        ax.set_title(f"{name}: {s.get('fit') or '?'}, test {s['test_acc']:.3f}{delta}", fontsize=9)
-        ax.grid(alpha=0.3)
         gap = ev.get("gap_last")
         effect = []
         d_acc = ""
+        if base is not None and name != "none":
+            d_acc = f"{(s['test_acc'] - base['test_acc']) * 100:+.1f} pts"
+        title = f"{name}: {s.get('fit') or '?'}, test {s['test_acc']:.3f}"
+        ax.set_title(title + (f", {d_acc}" if d_acc else ""), fontsize=9)
         if base is not None and name != "none":
             base_gap = (base.get("fit_evidence") or {}).get("gap_last")
             if gap is not None and base_gap is not None:
@@ -494,7 +503,6 @@ def section_overfitting(runs: list[Run], fig_dir: Path) -> tuple[str, list[str]]
                 if abs(change) > 0.05 * max(abs(base_gap), 1e-9):
                     effect.append("narrows the gap" if change < 0 else "widens the gap")
             d = s["test_acc"] - base["test_acc"]
-            d_acc = f"{d * 100:+.1f} pts"
             if d >= 0.005:
                 effect.append("**raises test acc**")
                 helped.append((name, d))
@@ -507,20 +515,17 @@ def section_overfitting(runs: list[Run], fig_dir: Path) -> tuple[str, list[str]]
         ])  # fmt: skip
     for ax in axes.flat[len(names) :]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=8)
     for ax in axes[-1]:
         ax.set_xlabel("epoch")
     for ax in axes[:, 0]:
         ax.set_ylabel("loss")
-    save_figure(fig, fig_dir / "overfitting.png")
-    save_csv(fig_dir.parent / "tables" / "overfitting.csv", header, rows)
-    figure = (
-        "![train and validation loss per remedy](figures/overfitting.png)\n\nEach panel: "
-        "training loss (line) and validation loss (dots) per epoch, the epoch of the lowest "
-        "validation loss dotted, the fit verdict, the test accuracy and its change against no "
-        "remedy."
+    save_figure(fig, fig_dir / "overfitting.png", axes.flat[: len(names)])
+    text = publish(fig_dir, "overfitting", header, rows, "train and validation loss per remedy")
+    text += (
+        "Each panel: training loss (line) and validation loss (dots) per epoch, the epoch of "
+        "the lowest validation loss dotted, the fit verdict, the test accuracy and its change "
+        "against no remedy.\n\n"
     )
-    text = table(header, rows) + f"\n{figure}\n\n"
     verdicts = []
     if base is not None:
         verdicts.append(
@@ -603,9 +608,7 @@ def section_optimizers(runs: list[Run], fig_dir: Path) -> tuple[str, list[str]]:
     ax.set_xscale("log")
     ax.set(xlabel="learning rate", ylabel="test accuracy",
            title="LR sensitivity (★ = trained at the LR finder's suggestion)")  # fmt: skip
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    save_figure(fig, fig_dir / "optimizers_lr.png")
+    save_figure(fig, fig_dir / "optimizers_lr.png", (ax,))
 
     fig, (ax_s, ax_t) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, (lr, s) in best.items():
@@ -619,10 +622,7 @@ def section_optimizers(runs: list[Run], fig_dir: Path) -> tuple[str, list[str]]:
         yscale="log",
         title="... by time",
     )
-    for a in (ax_s, ax_t):
-        a.grid(alpha=0.3)
-    ax_s.legend(fontsize=8)
-    save_figure(fig, fig_dir / "optimizers_curves.png")
+    save_figure(fig, fig_dir / "optimizers_curves.png", (ax_s, ax_t))
     header = ["optimizer", *(f"lr {x:g}" for x in lrs), "best LR (val)",
               "LRs within 2 pts", "LR finder", "test acc at finder LR"]  # fmt: skip
     save_csv(fig_dir.parent / "tables" / "optimizers.csv", header, rows)
@@ -716,12 +716,8 @@ def section_second_order(runs: list[Run], fig_dir: Path) -> tuple[str, list[str]
         ylabel="validation loss",
         title="... by wall time",
     )
-    for a in (ax_i, ax_t):
-        a.grid(alpha=0.3)
-    ax_i.legend(fontsize=8)
-    save_figure(fig, fig_dir / "second_order.png")
-    save_csv(fig_dir.parent / "tables" / "second_order.csv", header, rows)
-    text = table(header, rows) + "\n![L-BFGS vs Adam](figures/second_order.png)\n\n"
+    save_figure(fig, fig_dir / "second_order.png", (ax_i, ax_t))
+    text = publish(fig_dir, "second_order", header, rows, "L-BFGS vs Adam")
     text += (
         "Seconds per step are measured between the first and the last epoch's end, so building "
         "the feature cache (the same for both) does not count; the fit time includes it. They "
@@ -770,12 +766,9 @@ def section_head_norms(runs: list[Run], fig_dir: Path) -> tuple[str, list[str]]:
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes, [str(b) for b in sizes])
     ax.set(xlabel="batch size", ylabel="test accuracy", title="Head normalisation vs batch size")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    save_figure(fig, fig_dir / "head_norms.png")
+    save_figure(fig, fig_dir / "head_norms.png", (ax,))
     header = ["norm", *(f"batch {b}" for b in sizes)]
-    save_csv(fig_dir.parent / "tables" / "head_norms.csv", header, rows)
-    text = table(header, rows) + "\n![head normalisation](figures/head_norms.png)\n\n"
+    text = publish(fig_dir, "head_norms", header, rows, "head normalisation")
     verdicts = []
     if len(sizes) > 1:
         small, large = sizes[0], sizes[-1]
