@@ -10,13 +10,15 @@ import os
 import subprocess
 import sys
 
+import lightning as L
 import pytest
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
+from transferkit.cli import run_cli
 from transferkit.evaluate import evaluate
 from transferkit.export import export
-from transferkit.finetune import finetune, run_cli
+from transferkit.finetune import finetune
 from transferkit.predict import predict
 
 from .conftest import CONF_DIR, tiny_overrides, write_images
@@ -213,3 +215,32 @@ def test_cli_class_mismatch_is_one_line_and_debug_shows_the_traceback(ckpt, tmp_
     r = _cli(*args)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "'dog'" in r.stderr
     assert "Traceback" in _cli(*args, debug=True).stderr
+
+
+class BuggyCallback(L.Callback):
+    """A programming error inside the run (ours or a library's), not a user mistake."""
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        {}["val"]
+
+
+def test_a_bug_keeps_its_traceback_instead_of_a_user_error_line(image_folder, tmp_path, make_cfg,
+                                                                capsys):  # fmt: skip
+    """Only transferkit.errors types are user errors: a KeyError from inside the run used to
+    print `error: 'val'` and exit 2; now it propagates (traceback, exit code 1)."""
+    bug = "+callbacks.bug={_target_: tests.test_errors.BuggyCallback}"
+    with pytest.raises(KeyError, match="val"):
+        run_cli(_run(make_cfg, image_folder, tmp_path / "o", bug))
+    assert "error:" not in capsys.readouterr().err
+
+
+def test_a_key_the_target_does_not_take_is_one_line(image_folder, tmp_path, make_cfg, capsys):
+    err = fails(_run(make_cfg, image_folder, tmp_path / "o", "+model.head.dropt=0.1"), capsys)
+    assert "dropt" in err and "LinearHead" in err
+
+
+def test_user_errors_are_typed_and_still_builtin_errors():
+    from transferkit.errors import CheckpointNotFoundError, ConfigError, NotFoundError
+
+    assert issubclass(ConfigError, ValueError) and issubclass(NotFoundError, FileNotFoundError)
+    assert issubclass(CheckpointNotFoundError, FileNotFoundError)

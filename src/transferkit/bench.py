@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
 from transferkit.callbacks.speed import TrainSpeed
-from transferkit.finetune import CONFIG_DIR, build
+from transferkit.cli import CONFIG_DIR
+from transferkit.finetune import build
 from transferkit.io import write_json
 
 PARTIAL_BLOCKS = 4

@@ -22,6 +22,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from transferkit import preemption
+from transferkit.data.datamodule import training_loader
+from transferkit.data.order import own_generator
+from transferkit.errors import ConfigError
 from transferkit.policy import Plan
 
 log = logging.getLogger(__name__)
@@ -116,7 +120,7 @@ def cache_decision(
     """
     mode = {True: "true", False: "false"}[mode] if isinstance(mode, bool) else str(mode)
     if mode not in ("auto", "true", "false"):
-        raise ValueError(f"finetune.cache_features={mode!r}; choose auto, true or false.")
+        raise ConfigError(f"finetune.cache_features={mode!r}; choose auto, true or false.")
     if mode == "false":
         return None, "off (finetune.cache_features=false)"
     why_not = None
@@ -176,7 +180,7 @@ def compute_features(
     device = next((p.device for m in split._prefix for p in m.parameters()), torch.device("cpu"))
     if device.type == "cpu":  # large batches run slower on CPUs (1024: 2x the time of 64)
         batch_size = min(batch_size, CPU_CACHE_BATCH)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    loader = DataLoader(dataset, batch_size=batch_size, generator=own_generator())
     x0, _ = next(iter(loader))
     probe = split.prefix(x0[:1].to(device))
     n = len(dataset)  # type: ignore[arg-type]
@@ -192,21 +196,27 @@ def compute_features(
     else:
         disk_dir.mkdir(parents=True, exist_ok=True)
         rank = int(os.environ.get("LOCAL_RANK", 0)) + 1000 * int(os.environ.get("NODE_RANK", 0))
-        store = np.lib.format.open_memmap(  # one file per process: ranks never share one
-            disk_dir / f"{name}.rank{rank}.npy", mode="w+", dtype=np.float16, shape=shape
-        )
+        file = disk_dir / f"{name}.rank{rank}.npy"  # one file per process: ranks never share one
+        store = np.lib.format.open_memmap(file, mode="w+", dtype=np.float16, shape=shape)
     log.info("caching %s: %d x %s = %.1f MB as %s", name, n, tuple(shape[1:]), need / 2**20,
              "float16 on disk" if isinstance(store, np.ndarray) else str(dtype))  # fmt: skip
     labels = torch.empty(n, dtype=torch.long)
     i = 0
-    for x, y in tqdm(loader, desc=f"caching {name} features", leave=False):
-        f = split.prefix(x.to(device)).cpu()
-        if isinstance(store, np.ndarray):
-            store[i : i + len(x)] = f.numpy().astype(np.float16)
-        else:
-            store[i : i + len(x)] = f.to(store.dtype)
-        labels[i : i + len(x)] = y
-        i += len(x)
+    try:
+        for x, y in tqdm(loader, desc=f"caching {name} features", leave=False):
+            preemption.check()  # a stop request ends caching within one batch
+            f = split.prefix(x.to(device)).cpu()
+            if isinstance(store, np.ndarray):
+                store[i : i + len(x)] = f.numpy().astype(np.float16)
+            else:
+                store[i : i + len(x)] = f.to(store.dtype)
+            labels[i : i + len(x)] = y
+            i += len(x)
+    except BaseException:
+        if isinstance(store, np.memmap):  # no half-written cache file is left behind
+            del store
+            file.unlink(missing_ok=True)
+        raise
     return store, labels
 
 
@@ -217,7 +227,8 @@ class FeatureDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        i = index % len(self.labels)  # epoch-tagged by the training sampler
         f = self.features[i]
         f = torch.from_numpy(np.asarray(f)) if isinstance(f, np.ndarray) else f
         return f.float(), self.labels[i]
@@ -252,12 +263,10 @@ class CachedFeatureDataModule(L.LightningDataModule):
     def _loader(self, name: str, train: bool) -> DataLoader:
         self._build()
         ds = self.datasets[name]
-        return DataLoader(
-            ds,
-            batch_size=self.source.batch_size,
-            shuffle=train,
-            drop_last=train and len(ds) % self.source.batch_size == 1,
-        )
+        batch = self.source.batch_size
+        if train:
+            return training_loader(ds, batch, getattr(self, "trainer", None), self.source.seed)
+        return DataLoader(ds, batch_size=batch, generator=own_generator())
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)

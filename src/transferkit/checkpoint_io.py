@@ -24,7 +24,9 @@ import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from transferkit.errors import CheckpointError, CheckpointNotFoundError
 from transferkit.io import atomic_open
+from transferkit.trust import TargetPolicy, check_targets
 
 if TYPE_CHECKING:
     from transferkit.models.classifier import ImageClassifier
@@ -47,6 +49,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         with atomic_open(path) as f:
             torch.save(checkpoint, f)
 
+    def load_checkpoint(
+        self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        """Always ``weights_only=True``: Lightning 2.6 resumes with ``weights_only=False``,
+        which unpickles (and so runs) whatever a ``.ckpt`` file holds."""
+        where = {} if map_location is None else {"map_location": map_location}
+        return super().load_checkpoint(path, weights_only=True, **where)
+
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The checkpoint dict, read with ``weights_only=True`` (no code runs on load).
@@ -57,38 +67,68 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(
+        raise CheckpointNotFoundError(
             f"checkpoint {str(path)!r} does not exist. Pass the path of a .ckpt file, "
             "e.g. outputs/<date>/<time>/checkpoints/best.ckpt."
         )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(
+        raise CheckpointError(
             f"cannot read checkpoint {str(path)!r} ({type(e).__name__}: {str(e)[:200]}). "
             "Is it a complete .ckpt file written by transferkit?"
         ) from e
     if not isinstance(ckpt, dict) or "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
-        raise ValueError(
+        raise CheckpointError(
             f"{str(path)!r} is not a transferkit checkpoint (no hyper_parameters/state_dict). "
             "Pass a .ckpt file from a transferkit run (checkpoints/best.ckpt or last.ckpt)."
         )
     return ckpt
 
 
-def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") -> ImageClassifier:
+#: Hyper-parameters a checkpoint may set when it is loaded for inference: what the model is
+#: built from. ``weights`` and ``pretrained`` are not among them (the checkpoint's state dict
+#: replaces the initial weights, and nothing is downloaded); ``compile`` is ignored.
+INFERENCE_HPARAMS = frozenset({
+    "backbone", "num_classes", "head", "drop_rate", "drop_path_rate", "class_names",
+    "image_size", "crop_pct", "label_smoothing", "l1", "l1_scope", "decay_norm_and_bias",
+    "backbone_norm", "mixup", "channels_last", "compile",
+})  # fmt: skip
+
+
+def load_classifier(
+    path: str | Path,
+    map_location: str | torch.device = "cpu",
+    policy: TargetPolicy | None = None,
+) -> ImageClassifier:
     """An :class:`ImageClassifier` in eval mode from a checkpoint alone.
 
-    The backbone is created with ``weights=none`` (the checkpoint's state dict replaces the
-    random init); class names and preprocessing come from the checkpoint.
+    The file is read once, with ``weights_only=True``. The head and any other Hydra node in
+    its hyper-parameters are instantiated only if ``policy`` allows their ``_target_``
+    (transferkit's own classes by default). The backbone is created with random weights,
+    then the checkpoint's state dict replaces them: no hub, no weights package. Class names
+    and preprocessing come from the checkpoint.
+
+    Raises:
+        CheckpointNotFoundError: no such file.
+        CheckpointError: not a transferkit checkpoint, or keys it may not set.
+        UntrustedCheckpointError: it names code the policy does not allow.
     """
     from transferkit.models.classifier import ImageClassifier
 
-    read_checkpoint(path)  # clear errors for a missing or foreign file
-    model = ImageClassifier.load_from_checkpoint(
-        Path(path).expanduser(), map_location=map_location, weights_only=True
-    )
-    return model.eval()
+    ckpt = read_checkpoint(path)
+    hparams = dict(ckpt["hyper_parameters"])
+    check_targets(hparams, policy or TargetPolicy(), f"checkpoint {str(path)!r}")
+    unknown = sorted(set(hparams) - INFERENCE_HPARAMS)
+    if unknown:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} sets {unknown}, which a transferkit checkpoint does not "
+            f"hold (it may set {sorted(INFERENCE_HPARAMS)}). Was it written by transferkit?"
+        )
+    model = ImageClassifier(**{**hparams, "compile": False})
+    model.on_load_checkpoint(ckpt)
+    model.load_state_dict(ckpt["state_dict"])
+    return model.to(map_location).eval()
 
 
 def check_classes(
@@ -110,30 +150,41 @@ def check_classes(
         detail.append(f"the checkpoint has {missing} which the data lacks")
     if not detail:
         detail.append("the same names in another order")
-    raise ValueError(
+    raise CheckpointError(
         f"the checkpoint's classes {list(ckpt_classes)} do not match the data's "
         f"{list(data_classes)}: {'; '.join(detail)}. {what}"
     )
 
 
-def check_resume(path: str | Path, backbone: str, data_classes: Sequence[str]) -> None:
+def check_resume(
+    path: str | Path,
+    backbone: str,
+    data_classes: Sequence[str],
+    policy: TargetPolicy | None = None,
+) -> None:
     """Fail before training when ``ckpt_path`` cannot continue this run.
 
+    The run's own config builds the model; the checkpoint only gives it state. A
+    checkpoint that names code the run's config does not (``policy``) is still refused:
+    it was not written by this configuration.
+
     Raises:
-        FileNotFoundError: no such checkpoint.
-        ValueError: another backbone, other classes, or not a training checkpoint.
+        CheckpointNotFoundError: no such checkpoint.
+        CheckpointError: another backbone, other classes, or not a training checkpoint.
+        UntrustedCheckpointError: it names code the policy does not allow.
     """
     ckpt = read_checkpoint(path)
     hp = ckpt["hyper_parameters"]
+    check_targets(hp, policy or TargetPolicy(), f"ckpt_path={str(path)!r}")
     fix = "Resume with a checkpoint of this run's configuration, or set ckpt_path=null."
     if hp.get("backbone") != backbone:
-        raise ValueError(
+        raise CheckpointError(
             f"ckpt_path={str(path)!r} holds a {hp.get('backbone')!r} model but "
             f"model.backbone={backbone!r}. {fix}"
         )
     check_classes(hp.get("class_names"), data_classes, fix)
     if "optimizer_states" not in ckpt or "loops" not in ckpt:
-        raise ValueError(
+        raise CheckpointError(
             f"ckpt_path={str(path)!r} has no optimizer/loop state (saved with weights only), "
             "so training cannot resume from it; start a new run (ckpt_path=null)."
         )
@@ -152,7 +203,7 @@ def class_index_map(ckpt_classes: Sequence[str], data_classes: Sequence[str]) ->
     """
     unknown = [c for c in data_classes if c not in ckpt_classes]
     if unknown:
-        raise ValueError(
+        raise CheckpointError(
             f"the data has classes {unknown} that the checkpoint was not trained on (it knows "
             f"{list(ckpt_classes)}). Evaluate on a folder whose sub-folders are among those "
             "names, or on the checkpoint that was trained on these classes."

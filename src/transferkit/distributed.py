@@ -8,6 +8,8 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from transferkit.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 LR_RULES = ("none", "linear", "sqrt")
@@ -20,9 +22,9 @@ def lr_scale(rule: str, global_batch: int, reference_batch: int) -> float:
         ValueError: unknown rule or non-positive batch sizes.
     """
     if rule not in LR_RULES:
-        raise ValueError(f"lr_scaling.rule={rule!r}; choose one of {list(LR_RULES)}.")
+        raise ConfigError(f"lr_scaling.rule={rule!r}; choose one of {list(LR_RULES)}.")
     if global_batch < 1 or reference_batch < 1:
-        raise ValueError(
+        raise ConfigError(
             f"lr_scaling needs positive batch sizes, got global {global_batch}, "
             f"reference {reference_batch}."
         )
@@ -38,7 +40,7 @@ def scaled_optimizer(
         return factory
     factor = lr_scale(lr_scaling["rule"], global_batch, int(lr_scaling["reference_batch"]))
     if not isinstance(factory, functools.partial) or "lr" not in factory.keywords:
-        raise TypeError("lr_scaling needs an optimizer config with an explicit lr.")
+        raise ConfigError("lr_scaling needs an optimizer config with an explicit lr.")
     lr = factory.keywords["lr"] * factor
     log.info(
         "lr_scaling=%s: global batch %d vs reference %d -> lr %.3g",
@@ -70,7 +72,7 @@ def check_multirun(trainer_cfg: Mapping[str, Any], multirun: bool) -> None:
         ValueError: with the two ways around.
     """
     if multirun and relaunching_strategy(trainer_cfg):
-        raise ValueError(
+        raise ConfigError(
             f"hydra -m (multirun) cannot combine with trainer.strategy="
             f"{trainer_cfg.get('strategy')}: its extra processes re-run the command line. Use "
             "trainer.strategy=ddp_spawn (or trainer=ddp_spawn_cpu) for sweeps, or run each "

@@ -20,10 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from transferkit.checkpoint_io import class_index_map, load_classifier
+from transferkit.cli import CONFIG_DIR, run_cli
 from transferkit.data.datamodule import ImageDataset
 from transferkit.data.samples import Samples
 from transferkit.data.transforms import build_transform
-from transferkit.finetune import CONFIG_DIR, run_cli
+from transferkit.errors import ConfigError, DataError
 from transferkit.io import atomic_write_bytes, write_json
 from transferkit.report import (
     classification_metrics,
@@ -32,6 +33,7 @@ from transferkit.report import (
     confusion_section,
     plot_confusion_matrix,
 )
+from transferkit.trust import TargetPolicy
 
 log = logging.getLogger("transferkit")
 SPLITS = ("train", "val", "test", "all")
@@ -41,7 +43,7 @@ def require(cfg: DictConfig, *keys: str) -> None:
     """A missing mandatory value (``???``) as a one-line user error naming the override."""
     for key in keys:
         if OmegaConf.is_missing(cfg, key) or cfg.get(key) in (None, ""):
-            raise ValueError(f"{key}=... is required, e.g. {key}={_EXAMPLES.get(key, 'VALUE')}")
+            raise ConfigError(f"{key}=... is required, e.g. {key}={_EXAMPLES.get(key, 'VALUE')}")
 
 
 _EXAMPLES = {"ckpt": "outputs/<date>/<time>/checkpoints/best.ckpt", "input": "photo.jpg|DIR"}
@@ -57,10 +59,10 @@ def device_of(name: str) -> torch.device:
 def split_samples(splits: dict[str, Samples], split: str) -> Samples:
     """One split, or all of them concatenated (``split=all``)."""
     if split not in SPLITS:
-        raise ValueError(f"split={split!r}; choose one of {list(SPLITS)}.")
+        raise ConfigError(f"split={split!r}; choose one of {list(SPLITS)}.")
     if split != "all":
         if split not in splits or not len(splits[split]):
-            raise ValueError(
+            raise DataError(
                 f"the data has no {split!r} images (it has {sorted(splits)}). Choose another "
                 "split=..., or split=all for every image."
             )
@@ -77,7 +79,7 @@ def split_samples(splits: dict[str, Samples], split: str) -> Samples:
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt`` on ``cfg.split`` of ``cfg.data``; write the results; return them."""
     require(cfg, "ckpt")
-    model = load_classifier(cfg.ckpt)
+    model = load_classifier(cfg.ckpt, policy=TargetPolicy.from_config(cfg))
     names = list(model.hparams["class_names"] or range(model.hparams["num_classes"]))
     names = [str(n) for n in names]
     no_split = {"val_fraction": 0.0, "test_fraction": 0.0} if cfg.split == "all" else {}

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from transferkit.errors import ConfigError
 from transferkit.io import atomic_write_bytes, write_json
 
 log = logging.getLogger("transferkit.experiments")
@@ -70,7 +71,7 @@ def expand(grid: dict[str, str]) -> list[dict[str, str]]:
     """
     for key, value in grid.items():
         if any(c in str(value) for c in "()[]{}'\""):
-            raise ValueError(
+            raise ConfigError(
                 f"experiment grid {key}={value}: give a comma-separated list of values; "
                 "range(), choice() and quoted values are not expanded by this driver."
             )
@@ -88,7 +89,7 @@ def run_name(params: dict[str, str]) -> str:
 def _compose(overrides: list[str], hydra_config: bool = False) -> Any:
     from hydra import compose, initialize_config_dir
 
-    from transferkit.finetune import CONFIG_DIR
+    from transferkit.cli import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose("finetune", overrides=overrides, return_hydra_config=hydra_config)

@@ -26,8 +26,10 @@ import torch
 from omegaconf import DictConfig
 
 from transferkit.checkpoint_io import load_classifier
+from transferkit.cli import CONFIG_DIR, run_cli
+from transferkit.errors import ConfigError, MissingPackageError
 from transferkit.evaluate import require
-from transferkit.finetune import CONFIG_DIR, MissingPackageError, run_cli
+from transferkit.trust import TargetPolicy
 
 log = logging.getLogger("transferkit")
 SUFFIX = {"torchscript": ".pt", "onnx": ".onnx"}
@@ -85,7 +87,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     require(cfg, "ckpt")
     fmt = str(cfg.format)
     if fmt not in SUFFIX:
-        raise ValueError(f"format={fmt!r}; choose one of {sorted(SUFFIX)}.")
+        raise ConfigError(f"format={fmt!r}; choose one of {sorted(SUFFIX)}.")
     if fmt == "onnx":
         missing = [p for p in ONNX_PACKAGES if importlib.util.find_spec(p) is None]
         if missing:
@@ -93,7 +95,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
                 f"format=onnx needs {', '.join(missing)}: pip install 'transferkit[export]' "
                 f"(or pip install {' '.join(missing)}), or use format=torchscript."
             )
-    model = load_classifier(cfg.ckpt)
+    model = load_classifier(cfg.ckpt, policy=TargetPolicy.from_config(cfg))
     size = int(model.preprocessing["image_size"])
     meta = json.dumps(
         {

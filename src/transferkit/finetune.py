@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,32 +19,24 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
 
 from transferkit.caching import CachedFeatureDataModule, cache_decision
 from transferkit.callbacks.fit_diagnosis import FitDiagnosis
 from transferkit.callbacks.history import History
 from transferkit.callbacks.speed import TrainSpeed
 from transferkit.checkpoint_io import check_resume
+from transferkit.cli import CONFIG_DIR, run_cli
 from transferkit.distributed import check_multirun, scaled_optimizer
+from transferkit.errors import ConfigError, MissingPackageError
 from transferkit.io import write_json
-from transferkit.models.backbone import WeightsUnavailableError
 from transferkit.models.finetuning import trainable_names
 from transferkit.policy import resolve_plan
 from transferkit.report import write_run_report
+from transferkit.trust import TargetPolicy, config_targets
 
 log = logging.getLogger("transferkit")
 
 
-class MissingPackageError(ImportError):
-    """An optional package (a logger's, the ONNX exporter's) is not installed."""
-
-
-#: Mistakes a user can make in a config or their data: reported without a traceback.
-USER_ERRORS = (
-    ValueError, TypeError, FileNotFoundError, WeightsUnavailableError, KeyError,
-    MissingPackageError, MissingMandatoryValue,
-)  # fmt: skip
 DEFAULT_EPOCHS = 5
 VALIDATIONS_PER_RUN = 10
 
@@ -95,7 +85,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
             every -= 1
         trainer_cfg["check_val_every_n_epoch"] = every
     if trainer_cfg.get("sync_batchnorm"):
-        raise ValueError(
+        raise ConfigError(
             "trainer.sync_batchnorm=true uses torch's converter, which drops the activation "
             "timm fuses into its BatchNorm layers (BatchNormAct2d). Use "
             "model.backbone_norm=syncbn instead, which converts them keeping it."
@@ -145,6 +135,11 @@ def _feature_cache(cfg: DictConfig, dm: Any, model: Any, plan: Any) -> tuple[Any
     return CachedFeatureDataModule(dm, split, budget, Path(cfg.paths.output_dir) / "cache"), why
 
 
+def _plain(cfg: DictConfig) -> Any:
+    """The config as plain containers, interpolations left unresolved."""
+    return OmegaConf.to_container(cfg, resolve=False)
+
+
 def _hydra_mode() -> str | None:
     from hydra.core.hydra_config import HydraConfig
 
@@ -177,8 +172,9 @@ def finetune(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     fit_dm = objects["fit_datamodule"]  # dm itself, or its cached frozen-prefix features
     out_dir = Path(cfg.paths.output_dir)
 
-    if cfg.get("ckpt_path"):
-        check_resume(cfg.ckpt_path, cfg.model.backbone, dm.classes)
+    if cfg.get("ckpt_path"):  # the targets this run's config names are the user's own
+        policy = TargetPolicy.from_config(cfg, also=config_targets(_plain(cfg)))
+        check_resume(cfg.ckpt_path, cfg.model.backbone, dm.classes, policy)
     lr_find = None
     if cfg.get("tune") and cfg.tune.get("lr_find"):  # range test, then train at its suggestion
         from transferkit.lr_find import tune_lr
@@ -262,26 +258,6 @@ def _fmt(v: Any) -> str:
     if isinstance(v, int):
         return f"{v:,}"
     return str(v)
-
-
-def run_cli(task: Any) -> Any:
-    """Run ``task``; user errors end with a one-line message and exit code 2.
-
-    ``TRANSFERKIT_DEBUG=1`` re-raises them with the full traceback.
-    """
-    try:
-        return task()
-    except Exception as e:
-        cause: BaseException | None = e  # Hydra's instantiate wraps errors: find the user's one
-        while cause is not None and not isinstance(cause, USER_ERRORS):
-            cause = cause.__cause__
-        if cause is None or os.environ.get("TRANSFERKIT_DEBUG"):
-            raise
-        print(f"error: {cause}\n(set TRANSFERKIT_DEBUG=1 for the traceback)", file=sys.stderr)
-        sys.exit(2)
-
-
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="finetune")

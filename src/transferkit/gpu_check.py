@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from transferkit.finetune import CONFIG_DIR, build
+from transferkit.cli import CONFIG_DIR
+from transferkit.finetune import build
 
 
 def _overrides(steps: int, batch: int, workers: int, out: str) -> list[str]:

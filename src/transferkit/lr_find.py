@@ -26,7 +26,9 @@ from lightning.pytorch.tuner import Tuner
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from transferkit.finetune import CONFIG_DIR, build, run_cli
+from transferkit.cli import CONFIG_DIR, run_cli
+from transferkit.errors import ConfigError
+from transferkit.finetune import build
 from transferkit.io import atomic_write_bytes, write_json
 
 log = logging.getLogger("transferkit")
@@ -46,10 +48,10 @@ def set_base_lr(model: L.LightningModule, lr: float) -> None:
         TypeError: the model's optimizer is not a ``functools.partial`` (a Hydra ``_partial_``).
     """
     if not (lr > 0 and lr < float("inf")):
-        raise ValueError(f"learning rate {lr!r} must be a positive finite number.")
+        raise ConfigError(f"learning rate {lr!r} must be a positive finite number.")
     factory = getattr(model, "optimizer_factory", None)
     if not isinstance(factory, functools.partial):
-        raise TypeError(
+        raise ConfigError(
             f"the model's optimizer is {factory!r}, not a partial; configure it with "
             "`_partial_: true` (see conf/optimizer/)."
         )
@@ -77,9 +79,11 @@ def run_lr_find(objects: dict[str, Any], tune: Any) -> dict[str, Any]:
     min_lr, max_lr = float(tune.min_lr), float(tune.max_lr)
     num_training = int(tune.num_training)
     if not 0 < min_lr < max_lr:
-        raise ValueError(f"tune.min_lr={min_lr} and tune.max_lr={max_lr} need 0 < min_lr < max_lr.")
+        raise ConfigError(
+            f"tune.min_lr={min_lr} and tune.max_lr={max_lr} need 0 < min_lr < max_lr."
+        )
     if num_training < 20:
-        raise ValueError(
+        raise ConfigError(
             f"tune.num_training={num_training} is too few steps for a suggestion (it skips "
             "the first 10); use 50 or more."
         )

@@ -14,12 +14,14 @@ from typing import Any, Literal
 from torch.optim import LBFGS, Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR, ReduceLROnPlateau
 
+from transferkit.errors import ConfigError
+
 
 def _check_fraction(name: str, value: float, *, closed: bool = False) -> None:
     ok = 0.0 <= value <= 1.0 if closed else 0.0 <= value < 1.0
     if not ok:
         interval = "[0, 1]" if closed else "[0, 1)"
-        raise ValueError(f"scheduler.scheduler.{name}={value} must be in {interval}.")
+        raise ConfigError(f"scheduler.scheduler.{name}={value} must be in {interval}.")
 
 
 def cosine_with_warmup(
@@ -53,7 +55,7 @@ def one_cycle(optimizer: Optimizer, total_steps: int, pct_start: float = 0.3) ->
         ValueError: ``pct_start`` outside (0, 1).
     """
     if not 0.0 < pct_start < 1.0:
-        raise ValueError(f"scheduler.scheduler.pct_start={pct_start} must be in (0, 1).")
+        raise ConfigError(f"scheduler.scheduler.pct_start={pct_start} must be in (0, 1).")
     cycle = "betas" in optimizer.defaults or any(
         g.get("momentum", 0.0) > 0 for g in optimizer.param_groups
     )
@@ -75,9 +77,9 @@ def step_decay(
         ValueError: ``every_fraction`` outside (0, 1] or ``gamma`` outside (0, 1].
     """
     if not 0.0 < every_fraction <= 1.0:
-        raise ValueError(f"scheduler.scheduler.every_fraction={every_fraction} must be in (0, 1].")
+        raise ConfigError(f"scheduler.scheduler.every_fraction={every_fraction} must be in (0, 1].")
     if not 0.0 < gamma <= 1.0:
-        raise ValueError(f"scheduler.scheduler.gamma={gamma} must be in (0, 1].")
+        raise ConfigError(f"scheduler.scheduler.gamma={gamma} must be in (0, 1].")
     every = max(1, int(every_fraction * total_steps))
     return LambdaLR(optimizer, lambda step: gamma ** (step // every))
 
@@ -96,9 +98,9 @@ def plateau(
     """
     del total_steps
     if not 0.0 < factor < 1.0:
-        raise ValueError(f"scheduler.scheduler.factor={factor} must be in (0, 1).")
+        raise ConfigError(f"scheduler.scheduler.factor={factor} must be in (0, 1).")
     if mode not in ("min", "max"):
-        raise ValueError(f"scheduler.scheduler.mode={mode!r}; choose 'min' or 'max'.")
+        raise ConfigError(f"scheduler.scheduler.mode={mode!r}; choose 'min' or 'max'.")
     return ReduceLROnPlateau(optimizer, mode=mode, factor=factor, patience=patience)
 
 
@@ -129,18 +131,18 @@ def lbfgs(
         groups = [{"params": groups}]
     lrs = sorted({float(g.get("lr", lr)) for g in groups})
     if len(lrs) > 1:
-        raise ValueError(
+        raise ConfigError(
             f"optimizer=lbfgs takes one learning rate, but the fine-tuning plan gives parameter "
             f"groups at {lrs}: use finetune.layer_decay=1.0 and a regime without an LR change "
             "(finetune=linear_probe or partial)."
         )
     if weight_decay or any(g.get("weight_decay", 0.0) for g in groups):
-        raise ValueError(
+        raise ConfigError(
             "optimizer=lbfgs has no weight decay: set optimizer.weight_decay=0 (regularise with "
             "regularization.l1 or model.head.dropout instead)."
         )
     if line_search_fn not in (None, "strong_wolfe"):
-        raise ValueError(
+        raise ConfigError(
             f"optimizer.line_search_fn={line_search_fn!r}; choose strong_wolfe or null."
         )
     merged = [p for g in groups for p in g["params"]]

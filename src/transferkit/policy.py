@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from transferkit.errors import ConfigError
+
 REGIMES = ("linear_probe", "partial", "full", "gradual", "lp_ft")
 BN_MODES = ("frozen", "adapt", "train")
 
@@ -98,7 +100,7 @@ def parse_blocks(value: Any, total: int, key: str = "finetune.trainable_blocks")
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if number and float(value).is_integer() and 0 <= value <= total:
         return int(value)
-    raise ValueError(
+    raise ConfigError(
         f"{key}={value!r} is not valid for a backbone with {total} blocks: give an integer "
         f"0..{total} (0 = linear probe), a fraction in (0, 1), or 'all'."
     )
@@ -123,7 +125,7 @@ def match_rule(rules: list[Mapping[str, Any]], counts: Mapping[str, int]) -> Map
         if "max_train_size" in row and counts["train_size"] > row["max_train_size"]:
             continue
         return row
-    raise ValueError(
+    raise ConfigError(
         f"no row of finetune.rules matches {dict(counts)}; end the table with a row without bounds."
     )
 
@@ -157,13 +159,13 @@ def resolve_plan(
             settings["steps"] = cfg["steps"]
         regime = settings["regime"]
     if regime not in REGIMES:
-        raise ValueError(
+        raise ConfigError(
             f"finetune.regime={regime!r} is unknown; choose one of {[*REGIMES, 'auto']} "
             "(e.g. finetune=partial)."
         )
     bn_mode = settings.get("bn_mode", "frozen")
     if bn_mode not in BN_MODES:
-        raise ValueError(f"finetune.bn_mode={bn_mode!r} is unknown; choose one of {BN_MODES}.")
+        raise ConfigError(f"finetune.bn_mode={bn_mode!r} is unknown; choose one of {BN_MODES}.")
     total = total_blocks
     epochs = max_epochs
     if epochs is None and settings.get("steps"):
@@ -183,7 +185,7 @@ def resolve_plan(
         every = int(settings.get("every_n_epochs", 1))
         step = int(settings.get("blocks_per_step", 1))
         if every < 1 or step < 1:
-            raise ValueError("finetune.every_n_epochs and finetune.blocks_per_step must be >= 1.")
+            raise ConfigError("finetune.every_n_epochs and finetune.blocks_per_step must be >= 1.")
         k, epoch, steps = start, 0, []
         while k < final:
             epoch += every
@@ -199,7 +201,7 @@ def resolve_plan(
         ft_lr_scale = float(settings.get("ft_lr_scale", 0.1))
     trigger = settings.get("trigger", "epochs")
     if trigger not in ("epochs", "plateau"):
-        raise ValueError(f"finetune.trigger={trigger!r}; choose 'epochs' or 'plateau'.")
+        raise ConfigError(f"finetune.trigger={trigger!r}; choose 'epochs' or 'plateau'.")
     plan = Plan(
         regime=regime,
         total_blocks=total,

@@ -21,13 +21,15 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from transferkit.checkpoint_io import load_classifier
+from transferkit.cli import CONFIG_DIR, run_cli
 from transferkit.data.image_folder import IMAGE_EXTENSIONS
 from transferkit.data.samples import to_rgb
 from transferkit.data.transforms import build_transform
+from transferkit.errors import ConfigError, DataError, NotFoundError
 from transferkit.evaluate import device_of, require
-from transferkit.finetune import CONFIG_DIR, run_cli
 from transferkit.io import atomic_write_bytes
 from transferkit.report import collect_logits
+from transferkit.trust import TargetPolicy
 
 log = logging.getLogger("transferkit")
 
@@ -42,14 +44,14 @@ def list_inputs(path: str | Path) -> list[Path]:
     if path.is_file():
         return [path]
     if not path.is_dir():
-        raise FileNotFoundError(f"input={str(path)!r} does not exist; pass an image or a folder.")
+        raise NotFoundError(f"input={str(path)!r} does not exist; pass an image or a folder.")
     files = sorted(
         f
         for f in path.rglob("*")
         if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith(".")
     )
     if not files:
-        raise FileNotFoundError(
+        raise NotFoundError(
             f"input={str(path)!r} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})."
         )
     return files
@@ -76,10 +78,10 @@ def predict(cfg: DictConfig) -> Path:
     """Top-``cfg.top_k`` classes of every image under ``cfg.input``; returns the CSV path."""
     require(cfg, "ckpt", "input")
     if cfg.on_bad_image not in ("skip", "fail"):
-        raise ValueError(f"on_bad_image must be 'skip' or 'fail', got {cfg.on_bad_image!r}.")
+        raise ConfigError(f"on_bad_image must be 'skip' or 'fail', got {cfg.on_bad_image!r}.")
     if int(cfg.top_k) < 1:
-        raise ValueError(f"top_k must be >= 1, got {cfg.top_k}.")
-    model = load_classifier(cfg.ckpt)
+        raise ConfigError(f"top_k must be >= 1, got {cfg.top_k}.")
+    model = load_classifier(cfg.ckpt, policy=TargetPolicy.from_config(cfg))
     names = [str(n) for n in model.hparams["class_names"] or range(model.hparams["num_classes"])]
     files = list_inputs(cfg.input)
     size = int(model.preprocessing["image_size"])
@@ -89,7 +91,7 @@ def predict(cfg: DictConfig) -> Path:
     logits, index = collect_logits(model, loader, f"predict ({len(files)} images)")
     bad = [files[-1 - int(i)] for i in index if i < 0]
     if bad and cfg.on_bad_image == "fail":
-        raise ValueError(
+        raise DataError(
             f"cannot read {len(bad)} input file(s), e.g. {bad[0]}. Remove or fix them, or set "
             "on_bad_image=skip."
         )

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from transferkit.errors import NotFoundError
 from transferkit.io import atomic_write_bytes
 
 COLUMNS = [
@@ -111,7 +112,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 def write(root: Path) -> list[Path]:
     rows = collect(root)
     if not rows:
-        raise FileNotFoundError(f"no summary.json under {root}; run `make sweep-depth` first.")
+        raise NotFoundError(f"no summary.json under {root}; run `make sweep-depth` first.")
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS)
     writer.writeheader()

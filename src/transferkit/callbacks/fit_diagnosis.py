@@ -12,6 +12,8 @@ from typing import Any
 
 import lightning as L
 
+from transferkit.errors import ConfigError
+
 VERDICTS = ("overfitting", "underfitting", "ok")
 
 
@@ -42,9 +44,9 @@ def diagnose_fit(
         ValueError: a threshold out of range.
     """
     if rise_tolerance < 0:
-        raise ValueError(f"rise_tolerance={rise_tolerance} must be >= 0.")
+        raise ConfigError(f"rise_tolerance={rise_tolerance} must be >= 0.")
     if not 0 < underfit_ratio <= 1:
-        raise ValueError(f"underfit_ratio={underfit_ratio} must be in (0, 1].")
+        raise ConfigError(f"underfit_ratio={underfit_ratio} must be in (0, 1].")
     if not history:
         return {"fit": None, "evidence": {"reason": "no validation ran: nothing to diagnose"}}
     chance = math.log(num_classes)

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from transferkit.errors import DataError, NotFoundError
+
 CLASSES = [
     "bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra",
 ]  # fmt: skip
@@ -43,7 +45,7 @@ def data_dir() -> Path:
     """
     spec = importlib.util.find_spec("animal_mnist")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise NotFoundError(
             "The Animal-MNIST data package is not installed. Run `make install`, or "
             "`pip install --no-deps animal-mnist==0.4`, or use your own images with "
             "`data=image_folder data.root=/path/to/images`."
@@ -55,7 +57,7 @@ def _load(path: Path) -> np.ndarray:
     with gzip.open(path, "rb") as f:
         arr = _NumpyOnlyUnpickler(f).load()
     if not isinstance(arr, np.ndarray):
-        raise TypeError(f"{path} does not hold a numpy array")
+        raise DataError(f"{path} does not hold a numpy array")
     return arr
 
 

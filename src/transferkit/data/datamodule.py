@@ -16,9 +16,19 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from tqdm.auto import tqdm
 
+from transferkit import preemption
 from transferkit.data.animal_mnist import CLASSES as ANIMAL_CLASSES
 from transferkit.data.animal_mnist import load_animal_mnist
 from transferkit.data.image_folder import scan_image_folder
+from transferkit.data.order import (
+    EpochSampler,
+    drop_last,
+    own_generator,
+    resume_skip,
+    sample_seed,
+    seeded,
+    untag,
+)
 from transferkit.data.samples import (
     Samples,
     interleave_classes,
@@ -26,21 +36,36 @@ from transferkit.data.samples import (
     stratified_split,
 )
 from transferkit.data.transforms import build_transform
+from transferkit.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
 class ImageDataset(Dataset):
-    """Samples plus a transform; yields ``(tensor, label)``."""
+    """Samples plus a transform; yields ``(tensor, label)``.
 
-    def __init__(self, samples: Samples, transform: Callable[[Any], torch.Tensor]) -> None:
-        self.samples, self.transform = samples, transform
+    Args:
+        samples: the images and labels.
+        transform: PIL image → tensor.
+        seed: for a random transform, the base seed of each image's own random stream
+            (see ``transferkit.data.order``); indices are then epoch-tagged.
+    """
+
+    def __init__(
+        self, samples: Samples, transform: Callable[[Any], torch.Tensor], seed: int | None = None
+    ) -> None:
+        self.samples, self.transform, self.seed = samples, transform, seed
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(self.samples.load(i)), int(self.samples.labels[i])
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        epoch, i = untag(index, len(self.samples))
+        image = self.samples.load(i)
+        if self.seed is None:
+            return self.transform(image), int(self.samples.labels[i])
+        with seeded(sample_seed(self.seed, epoch, i)):
+            return self.transform(image), int(self.samples.labels[i])
 
 
 class DecodedDataset(Dataset):
@@ -63,13 +88,15 @@ class DecodedDataset(Dataset):
             (len(samples), first.shape[2], *first.shape[:2]), dtype=torch.uint8
         )
         for i in tqdm(range(len(samples)), desc=desc, leave=False, mininterval=1.0):
+            preemption.check()  # a stop request ends decoding within one image
             self.images[i] = torch.from_numpy(np.array(pre(samples.load(i)))).permute(2, 0, 1)
         self.labels = torch.as_tensor(samples.labels)
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        i = index % len(self.labels)  # epoch-tagged by the training sampler
         x = self.images[i].float().div_(255.0)
         return (x - self.mean) / self.std, int(self.labels[i])
 
@@ -112,14 +139,14 @@ class ImageDataModule(L.LightningDataModule):
         super().__init__()
         for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0.0 <= frac < 1.0:
-                raise ValueError(f"data.{name} must be in [0, 1), got {frac}.")
+                raise ConfigError(f"data.{name} must be in [0, 1), got {frac}.")
         if val_fraction + test_fraction >= 1.0:
-            raise ValueError(
+            raise ConfigError(
                 f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction} "
                 "leaves no training images; lower them."
             )
         if batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}.")
+            raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}.")
         self.batch_size, self.num_workers = batch_size, num_workers
         self.image_size = image_size
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
@@ -134,7 +161,7 @@ class ImageDataModule(L.LightningDataModule):
             else str(decode_once)
         )
         if self.decode_once not in ("auto", "true", "false"):
-            raise ValueError(f"data.decode_once={decode_once!r}; choose auto, true or false.")
+            raise ConfigError(f"data.decode_once={decode_once!r}; choose auto, true or false.")
         self.decode_budget = decode_budget_gb * 2**30
         self._decoded: dict[tuple[str, bool], DecodedDataset] = {}
         self.classes: list[str] = []
@@ -220,7 +247,7 @@ class ImageDataModule(L.LightningDataModule):
             if key not in self._decoded:
                 self._decoded[key] = DecodedDataset(samples, tf, desc=f"decoding {split} images")
             return self._decoded[key]
-        return ImageDataset(samples, tf)
+        return ImageDataset(samples, tf, seed=None if deterministic else self.seed)
 
     def _on_gpu(self) -> bool:
         trainer = getattr(self, "trainer", None)
@@ -239,12 +266,15 @@ class ImageDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         settings = self.loader_settings()
+        dataset = self.image_dataset(split, train)
+        if train:
+            return training_loader(
+                dataset, self.batch_size, getattr(self, "trainer", None), self.seed, **settings
+            )
         return DataLoader(
-            self.image_dataset(split, train),
+            dataset,
             batch_size=self.batch_size,
-            shuffle=train,
-            # only drop a last batch of one image (BatchNorm cannot train on it)
-            drop_last=train and len(self.splits[split]) % self.batch_size == 1,
+            generator=own_generator(self.seed),
             persistent_workers=settings["num_workers"] > 0,
             **settings,
         )
@@ -257,6 +287,34 @@ class ImageDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", train=False)
+
+
+def training_loader(
+    dataset: Dataset, batch_size: int, trainer: Any, seed: int, **settings: Any
+) -> DataLoader:
+    """The training DataLoader: shuffled by (seed, epoch) with :class:`EpochSampler`, this
+    rank's shard under DDP, and the batches a run resumed mid-epoch already trained on
+    skipped; a last batch of one image (per rank) is dropped."""
+    world = int(getattr(trainer, "world_size", 1) or 1)
+    rank = int(getattr(trainer, "global_rank", 0) or 0)
+    size = len(dataset)  # type: ignore[arg-type]
+    sampler = EpochSampler(
+        dataset,  # type: ignore[arg-type]
+        num_replicas=world,
+        rank=rank,
+        seed=seed,
+        epoch=int(getattr(trainer, "current_epoch", 0) or 0),
+        skip=resume_skip(trainer, batch_size),
+    )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=drop_last(size, batch_size, world),
+        generator=own_generator(seed),
+        persistent_workers=settings.get("num_workers", 0) > 0,
+        **settings,
+    )
 
 
 class AnimalMNISTDataModule(ImageDataModule):

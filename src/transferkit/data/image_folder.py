@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from transferkit.data.samples import Samples, to_rgb
+from transferkit.errors import ConfigError, DataError, NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def _scan(folder: Path, classes: list[str], on_bad_image: str) -> Samples:
             reason = _check_image(f)
             if reason is not None:
                 if on_bad_image == "fail":
-                    raise ValueError(
+                    raise DataError(
                         f"cannot read image {f} ({reason}). Remove or fix the file, or set "
                         "data.on_bad_image=skip to skip unreadable files."
                     )
@@ -69,16 +70,16 @@ def scan_image_folder(
         ValueError: fewer than two classes, or a bad image with ``on_bad_image=fail``.
     """
     if on_bad_image not in ("skip", "fail"):
-        raise ValueError(f"data.on_bad_image must be 'skip' or 'fail', got {on_bad_image!r}.")
+        raise ConfigError(f"data.on_bad_image must be 'skip' or 'fail', got {on_bad_image!r}.")
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(
+        raise NotFoundError(
             f"data.root={str(root)!r} is not a directory. Point data.root at a folder with one "
             "sub-folder of images per class (or train/val/test sub-folders of those)."
         )
     split_dirs = {s: root / s for s in SPLIT_NAMES if (root / s).is_dir()}
     if split_dirs and "train" not in split_dirs:
-        raise FileNotFoundError(
+        raise NotFoundError(
             f"data.root={str(root)!r} has {sorted(split_dirs)} but no 'train' sub-folder."
         )
     if split_dirs:
@@ -86,7 +87,7 @@ def scan_image_folder(
     else:
         classes = [d.name for d in _class_dirs(root)]
     if not classes:
-        raise FileNotFoundError(
+        raise NotFoundError(
             f"data.root={str(root)!r} has no class sub-folders. Expected "
             f"{root}/<class name>/<image files>."
         )
@@ -101,10 +102,10 @@ def scan_image_folder(
             next(p for s in splits.values() for p in s.bad),
         )
     if len(splits["train"]) == 0:
-        raise FileNotFoundError(f"data.root={str(root)!r} holds no readable images.")
+        raise NotFoundError(f"data.root={str(root)!r} holds no readable images.")
     present = np.unique(splits["train"].labels)
     if len(present) < 2:
-        raise ValueError(
+        raise DataError(
             f"data.root={str(root)!r} has images of {len(present)} class(es) "
             f"({[classes[i] for i in present]}); classification needs at least 2 "
             "sub-folders with images."

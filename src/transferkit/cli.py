@@ -1,0 +1,78 @@
+"""What every console script shares: where the configs are, and how a run ends.
+
+``run_cli`` turns the user's mistakes (:mod:`transferkit.errors`) into one line and exit
+code 2, a clean stop on SIGTERM/SIGINT into exit code 128 + the signal, and leaves every
+other exception alone: a bug keeps its traceback and exits 1.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import TypeVar
+
+from omegaconf.errors import MissingMandatoryValue
+
+from transferkit.errors import ConfigError, RunStopped, TransferkitError
+from transferkit.preemption import stop_on_signals
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+T = TypeVar("T")
+
+
+def _raised_by_hydra_call(exc: BaseException) -> bool:
+    """A ``TypeError`` raised while Hydra *called* a target (wrong or missing arguments),
+    not inside the target's own code: its traceback ends in Hydra's frame."""
+    tb: TracebackType | None = exc.__traceback__
+    last = None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    return last is not None and f"{os.sep}hydra{os.sep}" in last.tb_frame.f_code.co_filename
+
+
+def user_error(exc: BaseException) -> BaseException | None:
+    """The user's mistake behind ``exc`` (Hydra's ``instantiate`` wraps errors), or None.
+
+    Our typed errors, a missing mandatory config value, and a config whose arguments do
+    not fit the ``_target_`` it names count; anything else is a bug.
+    """
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, TransferkitError):
+            return cause
+        if isinstance(cause, MissingMandatoryValue):
+            return ConfigError(str(cause))
+        if isinstance(cause, TypeError) and _raised_by_hydra_call(cause):
+            return ConfigError(
+                f"{cause}: a config key its _target_ does not take, or a missing one. Fix "
+                "that key in its config group (or the override that set it)."
+            )
+        cause = cause.__cause__
+    return None
+
+
+def run_cli(task: Callable[[], T]) -> T:
+    """Run ``task`` as a console script does.
+
+    - A user error prints ``error: <message>`` and exits with code 2 (``TRANSFERKIT_DEBUG=1``
+      re-raises it with the traceback).
+    - SIGTERM or SIGINT stops the run cleanly (see :mod:`transferkit.preemption`) and exits
+      with ``128 + signal``, so schedulers and scripts can tell it was stopped.
+    - Any other exception propagates: a traceback and exit code 1.
+    """
+    try:
+        with stop_on_signals():
+            return task()
+    except RunStopped as stopped:
+        print(f"stopped: {stopped}", file=sys.stderr)
+        sys.exit(128 + stopped.signum)
+    except Exception as e:
+        cause = user_error(e)
+        if cause is None or os.environ.get("TRANSFERKIT_DEBUG"):
+            raise
+        print(f"error: {cause}\n(set TRANSFERKIT_DEBUG=1 for the traceback)", file=sys.stderr)
+        sys.exit(2)

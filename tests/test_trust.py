@@ -1,0 +1,187 @@
+"""A checkpoint from a stranger runs no code: planted Hydra targets are refused by every entry
+point that loads checkpoints, unless the user allows them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from torch import nn
+
+from transferkit.checkpoint_io import load_classifier
+from transferkit.cli import run_cli
+from transferkit.errors import UntrustedCheckpointError
+from transferkit.evaluate import evaluate
+from transferkit.export import export
+from transferkit.finetune import finetune
+from transferkit.predict import predict
+from transferkit.trust import TargetPolicy, check_targets, is_transferkit_class
+
+from .conftest import CONF_DIR, tiny_overrides, write_images
+
+
+class MyHead(nn.Sequential):
+    """A user's own head, outside transferkit."""
+
+    def __init__(self, in_features: int, num_classes: int) -> None:
+        super().__init__(nn.Linear(in_features, num_classes))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    base = tmp_path_factory.mktemp("trust")
+    write_images(base / "images", ["ant", "bee", "cat"], per_class=12)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("finetune", overrides=tiny_overrides(base / "images", base / "run",
+                                                           "trainer.max_epochs=1"))  # fmt: skip
+    finetune(cfg)
+    return base
+
+
+def _plant(trained, tmp_path, head) -> tuple:
+    """A copy of a real checkpoint whose head node is ``head``; the marker file shows
+    whether the planted command ran."""
+    ckpt = torch.load(trained / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    ckpt["hyper_parameters"]["head"] = head
+    path = tmp_path / "planted.ckpt"
+    torch.save(ckpt, path)
+    return path
+
+
+def _shell(marker) -> dict:
+    return {"_target_": "os.system", "_args_": [f"touch {marker}"]}
+
+
+def _cfg(name, *overrides):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(name, overrides=list(overrides))
+
+
+def _entry_points(trained, tmp_path, ckpt):
+    out = f"paths.output_dir={tmp_path}/o"
+    return {
+        "evaluate": lambda: evaluate(_cfg("evaluate", f"ckpt={ckpt}", "data=image_folder",
+                                          f"data.root={trained}/images", "split=all", out)),
+        "predict": lambda: predict(_cfg("predict", f"ckpt={ckpt}",
+                                        f"input={trained}/images/ant", out)),
+        "export": lambda: export(_cfg("export", f"ckpt={ckpt}", out)),
+        "resume": lambda: finetune(_cfg("finetune", *tiny_overrides(
+            trained / "images", tmp_path / "resumed", f"ckpt_path={ckpt}"))),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("entry", ["evaluate", "predict", "export", "resume"])
+@pytest.mark.parametrize(
+    "planted",
+    [
+        lambda m: _shell(m),  # the head itself
+        lambda m: {
+            "_target_": "transferkit.models.heads.LinearHead",
+            "_partial_": True,
+            "dropout": _shell(m),
+        },  # nested in a trusted one
+        lambda m: {**_shell(m), "_target_": "transferkit.finetune.os.system"},  # via our name
+    ],
+    ids=["head", "nested", "prefix"],
+)
+def test_a_planted_target_never_runs(entry, planted, trained, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    ckpt = _plant(trained, tmp_path, planted(marker))
+    with pytest.raises(SystemExit) as e:
+        run_cli(_entry_points(trained, tmp_path, ckpt)[entry])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "os.system" in err and "allowed_targets=" in err and "trust_remote_code=true" in err
+    assert not marker.exists()
+
+
+def test_the_users_own_head_loads_once_allowed(trained, tmp_path, capsys):
+    ckpt = torch.load(trained / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    ckpt["hyper_parameters"]["head"] = {"_target_": "tests.test_trust.MyHead", "_partial_": True}
+    ckpt["state_dict"] = {k.replace("head.1.", "head.0."): v for k, v in ckpt["state_dict"].items()}
+    torch.save(ckpt, tmp_path / "mine.ckpt")
+    with pytest.raises(UntrustedCheckpointError, match=r"tests\.test_trust\.MyHead"):
+        load_classifier(tmp_path / "mine.ckpt")
+    for policy in (TargetPolicy(("tests.test_trust.MyHead",)), TargetPolicy(("tests.",)),
+                   TargetPolicy(trust_remote_code=True)):  # fmt: skip
+        assert isinstance(load_classifier(tmp_path / "mine.ckpt", policy=policy).head, MyHead)
+    # the same from the command line's settings
+    allow = "allowed_targets=[tests.test_trust.MyHead]"
+    cfg = _cfg("predict", f"ckpt={tmp_path}/mine.ckpt", f"input={trained}/images/ant",
+               f"paths.output_dir={tmp_path}/o", allow)  # fmt: skip
+    assert predict(cfg).exists()
+
+
+def test_resume_allows_the_targets_of_the_runs_own_config(trained, tmp_path):
+    """A run whose config names a user's head resumes from its own checkpoint."""
+    extra = ("model.head._target_=tests.test_trust.MyHead", "~model.head.dropout")
+    first = tiny_overrides(trained / "images", tmp_path / "run", "trainer.max_epochs=1", *extra)
+    finetune(_cfg("finetune", *first))
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    again = tiny_overrides(trained / "images", tmp_path / "run", f"ckpt_path={last}", *extra)
+    summary, _ = finetune(_cfg("finetune", *again))
+    assert summary["epochs"] == 2
+
+
+@pytest.mark.parametrize(
+    ("target", "trusted"),
+    [
+        ("transferkit.models.heads.LinearHead", True),
+        ("transferkit.models.norms.BatchRenorm1d", True),
+        ("transferkit.finetune.os.system", False),  # a transferkit name that leads elsewhere
+        ("transferkit.io.write_json", False),  # a function: it could write anywhere
+        ("transferkit.finetune.Path", False),
+        ("transferkit.no_such_module.Thing", False),
+        ("os.system", False),
+        ("builtins.eval", False),
+    ],
+)
+def test_only_transferkit_classes_are_trusted(target, trusted):
+    assert is_transferkit_class(target) is trusted
+
+
+def test_every_target_is_found_and_named():
+    node = {"head": {"_target_": "x.A", "args": [{"_target_": "y.B"}]}, "opt": {"_target_": 3}}
+    with pytest.raises(UntrustedCheckpointError) as e:
+        check_targets(node, TargetPolicy(), "file")
+    msg = str(e.value)
+    assert "head._target_='x.A'" in msg and "head.args[0]._target_='y.B'" in msg
+    assert "opt._target_=3" in msg
+
+
+def test_a_checkpoint_cannot_ask_for_downloads_or_compilation(trained, tmp_path):
+    ckpt = torch.load(trained / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    ckpt["hyper_parameters"]["weights"] = "hub"
+    torch.save(ckpt, tmp_path / "x.ckpt")
+    with pytest.raises(ValueError, match=r"sets \['weights'\]"):
+        load_classifier(tmp_path / "x.ckpt")
+
+
+class Evil:
+    """Unpickling this runs a shell command: what a pickle-based checkpoint can do."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_resume_never_unpickles_code(trained, tmp_path, capsys):
+    """Lightning 2.6 resumes with torch.load(weights_only=False); the trainer's checkpoint IO
+    forces weights_only=True, and the entry points refuse such a file with one line."""
+    from transferkit.checkpoint_io import AtomicCheckpointIO
+
+    marker = tmp_path / "pwned"
+    ckpt = torch.load(trained / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    ckpt["callbacks"]["evil"] = Evil(marker)
+    torch.save(ckpt, tmp_path / "pickled.ckpt")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        AtomicCheckpointIO().load_checkpoint(tmp_path / "pickled.ckpt", weights_only=False)
+    for entry in _entry_points(trained, tmp_path, tmp_path / "pickled.ckpt").values():
+        with pytest.raises(SystemExit) as e:
+            run_cli(entry)
+        assert e.value.code == 2 and "cannot read checkpoint" in capsys.readouterr().err
+    assert not marker.exists()
