@@ -34,7 +34,7 @@ def test_prefix_then_suffix_equals_backbone_at_every_depth(backbone):
 
 
 def _decide(model, plan, **kw):
-    args = dict(augment={"no_aug": True}, mixup=False, drop_path_rate=0.0)
+    args = dict(augment={"no_aug": True}, mixup=False)
     args.update(kw)
     model.set_plan(plan)
     trainable = trainable_names(model.blocks, plan.max_trainable)
@@ -51,7 +51,6 @@ def test_cache_decision_rules():
     cases = [
         (Plan("partial", n, 2), {"augment": {"scale": [0.8, 1]}}, "augment=none"),
         (Plan("partial", n, 2), {"mixup": True}, "mixup"),
-        (Plan("partial", n, 2), {"drop_path_rate": 0.1}, "stochastic depth"),
         (Plan("partial", n, 2, bn_mode="adapt"), {}, "bn_mode=adapt"),
         (Plan("gradual", n, 0, schedule=((1, 2),)), {}, "unfreezes"),
         (Plan("full", n, n), {}, "nothing is frozen"),
@@ -61,7 +60,10 @@ def test_cache_decision_rules():
         assert split is None and reason in why, (plan.regime, why)
     dropping = ImageClassifier("test_efficientnet", num_classes=3, image_size=32, drop_rate=0.3)
     split, why = _decide(dropping, Plan("linear_probe", n, 0))
-    assert split is None and "drop_rate" in why
+    assert split is None and "forward_head (dropout 0.3)" in why
+    deep = ImageClassifier("test_efficientnet", num_classes=3, image_size=32, drop_path_rate=0.2)
+    split, why = _decide(deep, Plan("partial", n, 2))
+    assert split is None and "DropPath" in why
     vit = ImageClassifier("test_vit", num_classes=3, image_size=32)
     split, why = _decide(vit, Plan("partial", vit.num_blocks, 2))
     assert split is None and "VisionTransformer" in why
@@ -87,3 +89,19 @@ def test_cached_and_uncached_training_give_the_same_metrics(regime, image_folder
     for key in ("test_acc", "best_val_acc"):
         assert results["true"][key] == pytest.approx(results["false"][key], abs=1e-6), key
     assert results["true"]["test_loss"] == pytest.approx(results["false"]["test_loss"], rel=1e-4)
+
+
+def test_cached_linear_probe_keeps_vit_dropout(image_folder, tmp_path, make_cfg):
+    """ViT-style backbones apply dropout in a module (head_drop), not through a drop_rate
+    attribute: a cached linear probe used to skip it and train a different model."""
+    results = {}
+    for cache in ("auto", "false"):
+        summary, _ = finetune(make_cfg(*tiny_overrides(
+            image_folder, tmp_path / cache, "model.backbone=test_vit", "data.image_size=160",
+            "finetune=linear_probe", "regularization.drop_rate=0.3", "model.head.dropout=0.0",
+            f"finetune.cache_features={cache}",
+        )))  # fmt: skip
+        results[cache] = summary
+    assert "head_drop (Dropout 0.3)" in results["auto"]["feature_cache"]
+    for key in ("test_acc", "test_loss", "best_val_acc"):
+        assert results["auto"][key] == results["false"][key], key

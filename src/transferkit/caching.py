@@ -16,6 +16,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from timm.layers import DropBlock2d, DropPath
 from timm.models.efficientnet import EfficientNet
 from timm.models.resnet import ResNet
 from torch import nn
@@ -104,6 +105,23 @@ def find_cut(backbone: nn.Module, trainable: set[str]) -> int | None:
     return len(modules)
 
 
+def random_modules(modules: list[nn.Module]) -> list[str]:
+    """Modules among ``modules`` (and inside them) that are random in training: dropout of
+    any kind with ``p > 0``, stochastic depth and DropBlock with ``drop_prob > 0``."""
+    found = []
+    for top in modules:
+        for name, m in top.named_modules():
+            if isinstance(m, nn.modules.dropout._DropoutNd):
+                rate = m.p
+            elif isinstance(m, (DropPath, DropBlock2d)):
+                rate = m.drop_prob
+            else:
+                continue
+            if rate:
+                found.append(f"{name or type(top).__name__} ({type(m).__name__} {rate:g})")
+    return found
+
+
 def cache_decision(
     mode: str | bool,
     plan: Plan,
@@ -111,7 +129,6 @@ def cache_decision(
     trainable: set[str],
     augment: Mapping[str, Any],
     mixup: bool,
-    drop_path_rate: float,
 ) -> tuple[Split | None, str]:
     """Whether and where to cache, with the reason for the log.
 
@@ -133,10 +150,6 @@ def cache_decision(
                    "cache")  # fmt: skip
     elif mixup:
         why_not = "mixup mixes input images"
-    elif drop_path_rate:
-        why_not = "stochastic depth (drop_path_rate) makes frozen blocks random"
-    elif float(getattr(backbone, "drop_rate", 0.0) or 0.0) > 0 and plan.trainable_blocks == 0:
-        why_not = "the backbone's drop_rate applies dropout to the features in training"
     split = None
     if why_not is None:
         if plan.trainable_blocks == 0 and not any(p.requires_grad for p in backbone.parameters()):
@@ -150,6 +163,14 @@ def cache_decision(
                 why_not = "nothing is frozen at the input end"
             else:
                 split = Split(backbone, cut)
+    if split is not None:  # what is cached must not be random in training
+        random = random_modules(split._prefix)
+        # EfficientNet and ResNet apply their drop_rate functionally, in forward_head
+        drop_rate = float(getattr(backbone, "drop_rate", 0.0) or 0.0)
+        if split.whole_backbone and drop_rate > 0:
+            random.append(f"forward_head (dropout {drop_rate:g})")
+        if random:
+            split, why_not = None, f"the cached part is random in training: {', '.join(random)}"
     if split is None:
         reason = f"off: {why_not}"
         if mode == "true":

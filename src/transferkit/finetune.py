@@ -125,7 +125,6 @@ def _feature_cache(cfg: DictConfig, dm: Any, model: Any, plan: Any) -> tuple[Any
         trainable,
         augment=dm.augment,
         mixup=getattr(model, "mixup", None) is not None,
-        drop_path_rate=float(cfg.model.get("drop_path_rate") or 0.0),
     )
     log.info("feature caching: %s", why)
     if split is None:
