@@ -48,12 +48,17 @@ def test_multirun_guard(trainer, relaunch):
 
 def test_cli_ddp_cpu_one_run_dir_one_summary(tmp_path):
     """`transferkit-finetune trainer=ddp_cpu` from the command line, as `make finetune
-    ARGS="trainer=ddp_cpu"` runs it: both ranks share one Hydra run directory."""
+    ARGS="trainer=ddp_cpu"` runs it: both ranks share one Hydra run directory.
+
+    12 training images, batch 5: the split would end on a batch of 2, but each rank's shard
+    of 6 ends on a batch of 1, which the BatchNorm in the MLP head cannot train on: the last
+    batch is dropped per rank. The step budget counts steps at the global batch of 10."""
     write_images(tmp_path / "images", ["a", "b"], per_class=12)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     r = subprocess.run(
         [sys.executable, "-m", "transferkit.finetune", "trainer=ddp_cpu", "data=image_folder",
-         f"data.root={tmp_path / 'images'}", "data.image_size=32", "data.batch_size=4",
+         f"data.root={tmp_path / 'images'}", "data.image_size=32", "data.batch_size=5",
+         "model/head=mlp", "model.head.hidden=8",
          "data.val_fraction=0.25", "data.test_fraction=0.25", "model.backbone=test_efficientnet",
          "model.weights=none", "finetune=gradual", "finetune.blocks_per_step=3",
          "trainer.max_epochs=2", "trainer.enable_progress_bar=false"],
@@ -67,6 +72,9 @@ def test_cli_ddp_cpu_one_run_dir_one_summary(tmp_path):
     assert summaries == [run_dirs[0] / "summary.json"]
     summary = json.loads(summaries[0].read_text())
     assert summary["plan"]["regime"] == "gradual" and summary["epochs"] == 2
+    assert summary["train_size"] == 12 and summary["global_steps"] == 2  # one batch of 5 a rank
+    budget = summary["plan"]["budget"]
+    assert (budget["devices"], budget["global_batch"], budget["steps_per_epoch"]) == (2, 10, 1)
 
 
 def test_sync_batchnorm_is_refused_with_the_alternative(image_folder, tmp_path, make_cfg):

@@ -3,7 +3,7 @@
 import pytest
 from omegaconf import OmegaConf
 
-from transferkit.policy import Plan, parse_blocks, resolve_plan
+from transferkit.policy import DEFAULT_EPOCHS, Plan, parse_blocks, resolve_plan, steps_per_epoch
 
 from .conftest import CONF_DIR
 
@@ -90,3 +90,34 @@ def test_unknown_regime_and_bn_mode_list_the_choices():
 def test_plan_dict_roundtrip():
     p = resolve_plan({"regime": "lp_ft"}, counts(10), 10)
     assert Plan(**{**p.as_dict(), "schedule": tuple(map(tuple, p.as_dict()["schedule"]))}) == p
+
+
+def test_lp_ft_share_of_the_budget_uses_the_resolved_budget():
+    """lp_epochs=0.6 with no step budget and no max_epochs: 60 % of the default 5 epochs,
+    not 1 epoch (the budget used to be resolved after the switch epoch)."""
+    lp = resolve_plan({"regime": "lp_ft", "lp_epochs": 0.6}, counts(10), 10)
+    assert lp.epochs == DEFAULT_EPOCHS and lp.budget["from"] == "default"
+    assert lp.schedule[0][0] == 3
+    lp = resolve_plan({"regime": "lp_ft", "lp_epochs": 0.6}, counts(10), 10, max_epochs=20)
+    assert lp.schedule[0][0] == 12
+
+
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+def test_step_budget_counts_steps_at_the_global_batch(world):
+    """150 steps mean 150 optimizer steps on any number of devices: with W devices each
+    step takes W x batch images, so the epochs grow as each rank's shard shrinks."""
+    plan = resolve_plan({"regime": "full", "steps": 150}, counts(100), 10, batch_size=64,
+                        world_size=world)  # fmt: skip
+    b = plan.budget
+    assert (b["devices"], b["global_batch"], b["batch_per_device"]) == (world, 64 * world, 64)
+    assert b["steps_per_epoch"] == steps_per_epoch(1000, 64, world)
+    assert b["steps"] >= 150 and b["steps"] - b["steps_per_epoch"] < 150  # the fewest epochs
+    assert plan.epochs == b["epochs"] and b["from"] == "finetune.steps"
+
+
+@pytest.mark.parametrize(
+    ("size", "batch", "world", "expected"),
+    [(1000, 64, 1, 16), (1000, 64, 2, 8), (130, 64, 2, 1), (129, 64, 1, 2), (65, 64, 1, 1)],
+)
+def test_steps_per_epoch_follows_the_shard_and_drop_last(size, batch, world, expected):
+    assert steps_per_epoch(size, batch, world) == expected

@@ -18,6 +18,7 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from transferkit.caching import CachedFeatureDataModule, cache_decision
@@ -37,8 +38,52 @@ from transferkit.trust import TargetPolicy, config_targets
 log = logging.getLogger("transferkit")
 
 
-DEFAULT_EPOCHS = 5
 VALIDATIONS_PER_RUN = 10
+
+
+def validation_interval(epochs: int) -> int:
+    """Validate about ``VALIDATIONS_PER_RUN`` times, every N epochs with N dividing the
+    budget, so that the last epoch is validated (and can become the best checkpoint)."""
+    every = max(1, epochs // VALIDATIONS_PER_RUN)
+    while epochs % every:
+        every -= 1
+    return every
+
+
+def check_trainer_settings(trainer_cfg: dict[str, Any]) -> None:
+    """Refuse trainer settings that cannot work, before anything is built.
+
+    Raises:
+        ConfigError: names the setting and the fix.
+    """
+    for key in ("max_epochs", "check_val_every_n_epoch"):
+        value = trainer_cfg.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):  # fmt: skip
+            raise ConfigError(
+                f"trainer.{key}={value!r}: give a positive whole number, or null for the "
+                "fine-tuning plan's budget."
+            )
+    if trainer_cfg.get("sync_batchnorm"):
+        raise ConfigError(
+            "trainer.sync_batchnorm=true uses torch's converter, which drops the activation "
+            "timm fuses into its BatchNorm layers (BatchNormAct2d). Use "
+            "model.backbone_norm=syncbn instead, which converts them keeping it."
+        )
+
+
+def _instantiate_trainer(trainer_cfg: dict[str, Any], callbacks: list, loggers: list) -> Any:
+    """The Trainer; Lightning's refusal of a setting (devices, precision, strategy) is the
+    user's mistake here and becomes a one-line ConfigError."""
+    try:
+        return instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
+    except Exception as e:
+        cause: BaseException | None = e
+        while cause is not None and not isinstance(cause, MisconfigurationException):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise ConfigError(f"the trainer settings do not work here: {cause}") from e
 
 
 def build(cfg: DictConfig) -> dict[str, Any]:
@@ -55,51 +100,49 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         scheduler=instantiate(cfg.scheduler),
         _recursive_=False,
     )
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    loggers = [_instantiate_logger(k, c) for k, c in (cfg.get("logger") or {}).items()]
+    if not loggers:  # the LR monitor needs a logger; with logger=none there is nothing to log to
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    trainer_cfg: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
+    if not trainer_cfg.get("enable_progress_bar", True):  # one switch turns the bar off
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    check_trainer_settings(trainer_cfg)
+    user_epochs = trainer_cfg.get("max_epochs")
+    user_every = trainer_cfg.get("check_val_every_n_epoch")
+    # The plan's budget needs the number of devices, which the trainer resolves ("auto",
+    # -1, a list): build it first, then give it the budget.
+    trainer_cfg.update(max_epochs=user_epochs or 1, check_val_every_n_epoch=user_every or 1)
+    trainer = _instantiate_trainer(trainer_cfg, callbacks, loggers)
+
     finetune_cfg = OmegaConf.to_container(cfg.finetune, resolve=True)
     plan = resolve_plan(
         finetune_cfg,  # type: ignore[arg-type]
         counts,
         model.num_blocks,
         dm.batch_size,
-        max_epochs=cfg.trainer.get("max_epochs"),
+        max_epochs=user_epochs,
+        world_size=trainer.world_size,
     )
     model.set_plan(plan)
     dm.set_preprocessing(model.preprocessing)
     log.info("fine-tuning plan: %s", plan.reason)
-
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    loggers = [_instantiate_logger(k, c) for k, c in (cfg.get("logger") or {}).items()]
-    if not loggers:  # the LR monitor needs a logger; with logger=none there is nothing to log to
-        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    assert isinstance(trainer_cfg, dict)
-    if not trainer_cfg.get("enable_progress_bar", True):  # one switch turns the bar off
-        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    if trainer_cfg.get("max_epochs") is None:
-        trainer_cfg["max_epochs"] = plan.epochs or DEFAULT_EPOCHS
-    if trainer_cfg.get("check_val_every_n_epoch") is None:
-        # about VALIDATIONS_PER_RUN validations, on an interval that divides the budget so the
-        # last epoch is validated (and can become the best checkpoint)
-        every = max(1, trainer_cfg["max_epochs"] // VALIDATIONS_PER_RUN)
-        while trainer_cfg["max_epochs"] % every:
-            every -= 1
-        trainer_cfg["check_val_every_n_epoch"] = every
-    if trainer_cfg.get("sync_batchnorm"):
-        raise ConfigError(
-            "trainer.sync_batchnorm=true uses torch's converter, which drops the activation "
-            "timm fuses into its BatchNorm layers (BatchNormAct2d). Use "
-            "model.backbone_norm=syncbn instead, which converts them keeping it."
-        )
-    late = [e for e, _ in plan.schedule if e >= trainer_cfg["max_epochs"]]
+    b = plan.budget
+    log.info(
+        "budget: %d epochs = %d steps of %d images (%d per device x %d), from %s",
+        b["epochs"], b["steps"], b["global_batch"], b["batch_per_device"], b["devices"], b["from"],
+    )  # fmt: skip
+    trainer.fit_loop.max_epochs = b["epochs"]
+    trainer.check_val_every_n_epoch = user_every or validation_interval(b["epochs"])
+    late = [e for e, _ in plan.schedule if e >= trainer.max_epochs]
     if late and plan.trigger == "epochs":
         log.warning(
             "the %s schedule steps at epochs %s fall outside the %d-epoch budget and will not "
             "happen; raise trainer.max_epochs or shorten the schedule",
             plan.regime,
             late,
-            trainer_cfg["max_epochs"],
+            trainer.max_epochs,
         )
-    trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
     fit_dm, cache = _feature_cache(cfg, dm, model, plan)
     # data.batch_size is per device; the LR rule (if any) follows the global batch
     model.optimizer_factory = scaled_optimizer(
@@ -224,6 +267,7 @@ def finetune(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             **{k: plan.as_dict()[k] for k in ("regime", "trainable_blocks", "total_blocks")},
             "rule": plan.rule,
             "schedule": plan.as_dict()["schedule"],
+            "budget": plan.budget,
             "reason": plan.reason,
             **plan.counts,
         },

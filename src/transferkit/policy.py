@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from transferkit.data.order import shard_size
 from transferkit.errors import ConfigError
 
 REGIMES = ("linear_probe", "partial", "full", "gradual", "lp_ft")
@@ -37,7 +38,10 @@ class Plan:
             (``lp_ft`` keeps them fixed so the probed head keeps seeing the same features).
         layer_decay: LR of block ``i`` from the top is ``lr · layer_decay ** (i + 1)``.
         ft_lr_scale: every LR is multiplied by this from the first schedule step on.
-        epochs: suggested epoch budget (None: the trainer's ``max_epochs``).
+        epochs: the epoch budget.
+        budget: how it was reached: ``epochs``, ``steps``, ``steps_per_epoch``,
+            ``batch_per_device``, ``devices``, ``global_batch`` and ``from`` (the setting
+            that decided it).
         rule: the row of the rule table that chose this plan (``auto`` only).
         counts: training-set counts the decision used.
         reason: one line for the log.
@@ -54,6 +58,7 @@ class Plan:
     layer_decay: float = 1.0
     ft_lr_scale: float = 1.0
     epochs: int | None = None
+    budget: dict[str, Any] = field(default_factory=dict)
     rule: dict[str, Any] | None = None
     counts: dict[str, int] = field(default_factory=dict)
     reason: str = ""
@@ -106,10 +111,20 @@ def parse_blocks(value: Any, total: int, key: str = "finetune.trainable_blocks")
     )
 
 
-def epochs_for_steps(steps: int, train_size: int, batch_size: int) -> int:
+#: Epochs of a regime with neither a step budget nor ``trainer.max_epochs``.
+DEFAULT_EPOCHS = 5
+
+
+def steps_per_epoch(train_size: int, batch_size: int, world_size: int = 1) -> int:
+    """Optimizer steps in one epoch: each of ``world_size`` ranks takes its shard (padded to
+    equal size) in batches of ``batch_size``, a last batch of one image dropped."""
+    shard = shard_size(train_size, world_size)
+    return max(1, shard // batch_size + (shard % batch_size > 1))
+
+
+def epochs_for_steps(steps: int, train_size: int, batch_size: int, world_size: int = 1) -> int:
     """Epochs that give at least ``steps`` optimizer steps."""
-    per_epoch = max(1, math.ceil(train_size / batch_size))
-    return max(1, math.ceil(steps / per_epoch))
+    return max(1, math.ceil(steps / steps_per_epoch(train_size, batch_size, world_size)))
 
 
 def match_rule(rules: list[Mapping[str, Any]], counts: Mapping[str, int]) -> Mapping[str, Any]:
@@ -136,15 +151,22 @@ def resolve_plan(
     total_blocks: int,
     batch_size: int = 64,
     max_epochs: int | None = None,
+    world_size: int = 1,
 ) -> Plan:
-    """Turn the ``finetune`` config into a :class:`Plan`.
+    """Turn the ``finetune`` config into a :class:`Plan`, its epoch budget resolved.
+
+    The budget is ``max_epochs`` when the user set one, else the ``steps`` of the config (or
+    of the matching rule) turned into epochs at the global batch, else ``DEFAULT_EPOCHS``.
+    Everything that depends on it (``lp_epochs`` as a share of the budget) uses that value.
 
     Args:
         cfg: the ``finetune`` config node (``regime`` and its options).
         counts: ``train_size``, ``min_per_class``, ``median_per_class`` of the training split.
         total_blocks: blocks of the backbone.
-        batch_size: images per step, to turn a row's ``steps`` into epochs.
+        batch_size: images per step and device.
         max_epochs: the trainer's epoch budget when the user set one (it wins over ``steps``).
+        world_size: devices training together: a step takes ``batch_size * world_size``
+            images, so a step budget needs fewer epochs than on one device.
 
     Raises:
         ValueError: unknown regime or BatchNorm mode, or an invalid block count.
@@ -167,9 +189,24 @@ def resolve_plan(
     if bn_mode not in BN_MODES:
         raise ConfigError(f"finetune.bn_mode={bn_mode!r} is unknown; choose one of {BN_MODES}.")
     total = total_blocks
-    epochs = max_epochs
-    if epochs is None and settings.get("steps"):
-        epochs = epochs_for_steps(int(settings["steps"]), counts["train_size"], batch_size)
+    per_epoch = steps_per_epoch(counts["train_size"], batch_size, world_size)
+    steps = settings.get("steps")
+    if max_epochs is not None:
+        epochs, source = int(max_epochs), "trainer.max_epochs"
+    elif steps:
+        epochs = epochs_for_steps(int(steps), counts["train_size"], batch_size, world_size)
+        source = "finetune.steps" if cfg.get("steps") else "rule table"
+    else:
+        epochs, source = DEFAULT_EPOCHS, "default"
+    budget = {
+        "epochs": epochs,
+        "steps": epochs * per_epoch,
+        "steps_per_epoch": per_epoch,
+        "batch_per_device": batch_size,
+        "devices": world_size,
+        "global_batch": batch_size * world_size,
+        "from": source,
+    }
     schedule: tuple[tuple[int, int], ...] = ()
     ft_lr_scale = 1.0
     trainable_bn_stats = bool(settings.get("trainable_bn_stats", True))
@@ -196,7 +233,7 @@ def resolve_plan(
         start = 0
         lp = float(settings.get("lp_epochs", 1))
         # a fraction in (0, 1) is a share of the epoch budget
-        lp_epochs = max(1, round(lp * epochs)) if lp < 1 and epochs else max(1, int(lp))
+        lp_epochs = max(1, round(lp * epochs)) if lp < 1 else max(1, int(lp))
         schedule = ((lp_epochs, parse_blocks(settings.get("final_blocks", "all"), total)),)
         ft_lr_scale = float(settings.get("ft_lr_scale", 0.1))
     trigger = settings.get("trigger", "epochs")
@@ -214,6 +251,7 @@ def resolve_plan(
         layer_decay=float(settings.get("layer_decay", 1.0)),
         ft_lr_scale=ft_lr_scale,
         epochs=epochs,
+        budget=budget,
         rule=rule,
         counts=dict(counts),
     )
