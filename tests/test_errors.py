@@ -88,7 +88,35 @@ def test_bad_files_are_skipped_and_counted(tmp_path, make_cfg, caplog):
     with caplog.at_level(logging.WARNING):
         summary, _ = finetune(make_cfg(*tiny_overrides(tmp_path / "bad", tmp_path / "o",
                                                        "trainer.max_epochs=1")))  # fmt: skip
-    assert "skipped 3 unreadable file(s)" in caplog.text
+    assert "skipped 3 file(s)" in caplog.text
+    assert "1 not image files (e.g." in caplog.text and "2 unreadable (e.g." in caplog.text
+    assert summary["train_size"] + summary["val_size"] + summary["test_size"] == 12
+
+
+def _bomb(path, pixels=Image.MAX_IMAGE_PIXELS + 1):
+    """A small PNG (a few kB) that decodes to more pixels than Pillow allows."""
+    side = int(pixels**0.5) + 1
+    Image.new("1", (side, side)).save(path)
+
+
+def test_non_image_files_never_stop_a_run_and_bombs_are_skipped(tmp_path, make_cfg, caplog):
+    """A README.txt or labels.csv beside the images used to count as unreadable and stop the
+    run under on_bad_image=fail; a decompression bomb raised Pillow's error even under skip."""
+    root = tmp_path / "d"
+    write_images(root, ["a", "b"], per_class=6)
+    (root / "a" / "README.txt").write_text("notes")
+    (root / "b" / "labels.CSV").write_text("x,y")
+    with caplog.at_level(logging.WARNING):
+        summary, _ = finetune(make_cfg(*tiny_overrides(root, tmp_path / "o1",
+                                                       "data.on_bad_image=fail")))  # fmt: skip
+    assert summary["train_size"] + summary["val_size"] + summary["test_size"] == 12
+    assert "2 not image files" in caplog.text
+    _bomb(root / "b" / "bomb.png")
+    assert (root / "b" / "bomb.png").stat().st_size < 100_000
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        summary, _ = finetune(make_cfg(*tiny_overrides(root, tmp_path / "o2")))
+    assert "1 decompression bombs (e.g." in caplog.text and "bomb.png" in caplog.text
     assert summary["train_size"] + summary["val_size"] + summary["test_size"] == 12
 
 
@@ -244,3 +272,51 @@ def test_user_errors_are_typed_and_still_builtin_errors():
 
     assert issubclass(ConfigError, ValueError) and issubclass(NotFoundError, FileNotFoundError)
     assert issubclass(CheckpointNotFoundError, FileNotFoundError)
+
+
+@pytest.mark.parametrize("extra", [(), ("finetune=partial", "finetune.trainable_blocks=2")])
+def test_no_validation_split_trains_its_budget_and_tests_the_last_weights(
+    extra, image_folder, tmp_path, make_cfg, caplog
+):
+    """data.val_fraction=0 used to crash (IndexError, or `error: 'val'` with the cache)."""
+    with caplog.at_level(logging.WARNING):
+        summary, _ = finetune(make_cfg(*tiny_overrides(
+            image_folder, tmp_path / "o", "data.val_fraction=0", "trainer.max_epochs=3", *extra
+        )))  # fmt: skip
+    assert "no validation images" in caplog.text
+    assert summary["val_size"] == 0 and summary["best_val_acc"] is None
+    assert summary["epochs"] == 3 and summary["test_acc"] is not None
+    assert summary["best_checkpoint"] == str(tmp_path / "o" / "checkpoints" / "last.ckpt")
+
+
+def test_no_validation_split_refuses_what_needs_validation(image_folder, tmp_path, make_cfg,
+                                                           capsys):  # fmt: skip
+    err = fails(_run(make_cfg, image_folder, tmp_path / "o", "data.val_fraction=0",
+                     "finetune=gradual", "finetune.trigger=plateau"), capsys)  # fmt: skip
+    assert "finetune.trigger=plateau" in err and "data.val_fraction" in err
+    err = fails(_run(make_cfg, image_folder, tmp_path / "o", "data.val_fraction=0",
+                     "scheduler=plateau"), capsys)  # fmt: skip
+    assert "validation" in err and "data.val_fraction" in err
+
+
+def test_a_val_folder_without_readable_images_is_refused(tmp_path, make_cfg, capsys):
+    root = tmp_path / "d"
+    write_images(root / "train", ["a", "b"], per_class=6)
+    write_images(root / "test", ["a", "b"], per_class=2)
+    for c in ("a", "b"):
+        (root / "val" / c).mkdir(parents=True)
+        (root / "val" / c / "x.png").write_bytes(b"not a png")
+    err = fails(_run(make_cfg, root, tmp_path / "o"), capsys)
+    assert f"{root / 'val'} holds no readable images" in err and "data.val_fraction" in err
+
+
+def test_split_folders_with_other_classes_are_refused(tmp_path, make_cfg, capsys):
+    """A class only in val/ or test/ (Cat vs cat) used to become an output with no training
+    image, silently."""
+    root = tmp_path / "d"
+    write_images(root / "train", ["cat", "dog"], per_class=6)
+    write_images(root / "val", ["Cat", "dog"], per_class=2)
+    write_images(root / "test", ["cat", "dog", "emu"], per_class=2)
+    err = fails(_run(make_cfg, root, tmp_path / "o"), capsys)
+    assert "val/ has 'Cat' (train/ has 'cat')" in err and "test/ has 'emu'" in err
+    assert "['cat', 'dog']" in err and "Rename" in err

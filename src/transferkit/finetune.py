@@ -16,7 +16,12 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
+from lightning.pytorch.callbacks import (
+    EarlyStopping,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    ProgressBar,
+)
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
@@ -32,7 +37,7 @@ from transferkit.errors import ConfigError, MissingPackageError
 from transferkit.io import write_json
 from transferkit.models.finetuning import trainable_names
 from transferkit.policy import resolve_plan
-from transferkit.report import write_run_report
+from transferkit.report import budget_text, write_run_report
 from transferkit.trust import TargetPolicy, config_targets
 
 log = logging.getLogger("transferkit")
@@ -72,6 +77,37 @@ def check_trainer_settings(trainer_cfg: dict[str, Any]) -> None:
         )
 
 
+def _without_validation(cfg: DictConfig, trainer_cfg: dict[str, Any], callbacks: list) -> list:
+    """Train with no validation split (``data.val_fraction=0``): nothing watches a
+    validation metric, and the last epoch's weights are the ones tested and kept.
+
+    Raises:
+        ConfigError: a setting that needs validation (plateau triggers and schedulers).
+    """
+    fix = "set data.val_fraction > 0 (or add a val/ folder)"
+    if cfg.finetune.get("trigger") == "plateau":
+        raise ConfigError(
+            f"finetune.trigger=plateau waits for the validation loss, but there are no "
+            f"validation images: {fix}, or use finetune.trigger=epochs."
+        )
+    if (cfg.get("scheduler") or {}).get("monitor"):
+        raise ConfigError(
+            f"scheduler={cfg.scheduler.get('monitor')!r}-monitoring schedulers need validation "
+            f"images, and there are none: {fix}, or pick another scheduler (e.g. cosine)."
+        )
+    trainer_cfg.update(limit_val_batches=0, num_sanity_val_steps=0)
+    kept = [
+        c for c in callbacks
+        if not isinstance(c, EarlyStopping)
+        and not (isinstance(c, ModelCheckpoint) and c.monitor is not None)
+    ]  # fmt: skip
+    log.warning(
+        "no validation images (data.val_fraction=0): no early stopping and no best "
+        "checkpoint; training runs its whole budget and the last weights are tested"
+    )
+    return kept
+
+
 def _instantiate_trainer(trainer_cfg: dict[str, Any], callbacks: list, loggers: list) -> Any:
     """The Trainer; Lightning's refusal of a setting (devices, precision, strategy) is the
     user's mistake here and becomes a one-line ConfigError."""
@@ -108,6 +144,8 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     if not trainer_cfg.get("enable_progress_bar", True):  # one switch turns the bar off
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     check_trainer_settings(trainer_cfg)
+    if not len(dm.splits.get("val", ())):
+        callbacks = _without_validation(cfg, trainer_cfg, callbacks)
     user_epochs = trainer_cfg.get("max_epochs")
     user_every = trainer_cfg.get("check_val_every_n_epoch")
     # The plan's budget needs the number of devices, which the trainer resolves ("auto",
@@ -128,10 +166,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     dm.set_preprocessing(model.preprocessing)
     log.info("fine-tuning plan: %s", plan.reason)
     b = plan.budget
-    log.info(
-        "budget: %d epochs = %d steps of %d images (%d per device x %d), from %s",
-        b["epochs"], b["steps"], b["global_batch"], b["batch_per_device"], b["devices"], b["from"],
-    )  # fmt: skip
+    log.info("budget: %s", budget_text(b))
     trainer.fit_loop.max_epochs = b["epochs"]
     trainer.check_val_every_n_epoch = user_every or validation_interval(b["epochs"])
     late = [e for e, _ in plan.schedule if e >= trainer.max_epochs]

@@ -17,13 +17,12 @@ from typing import Any
 import hydra
 import torch
 from omegaconf import DictConfig
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from transferkit.checkpoint_io import load_classifier
 from transferkit.cli import CONFIG_DIR, run_cli
-from transferkit.data.image_folder import IMAGE_EXTENSIONS
-from transferkit.data.samples import to_rgb
+from transferkit.data.image_folder import IMAGE_EXTENSIONS, is_image_file
+from transferkit.data.samples import BadImageError, read_rgb
 from transferkit.data.transforms import build_transform
 from transferkit.errors import ConfigError, DataError, NotFoundError
 from transferkit.evaluate import device_of, require
@@ -45,11 +44,7 @@ def list_inputs(path: str | Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise NotFoundError(f"input={str(path)!r} does not exist; pass an image or a folder.")
-    files = sorted(
-        f
-        for f in path.rglob("*")
-        if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith(".")
-    )
+    files = sorted(f for f in path.rglob("*") if is_image_file(f))
     if not files:
         raise NotFoundError(
             f"input={str(path)!r} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})."
@@ -68,9 +63,8 @@ class FileDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         try:
-            with Image.open(self.files[i]) as im:
-                return self.transform(to_rgb(im)), i
-        except (OSError, ValueError, SyntaxError):
+            return self.transform(read_rgb(self.files[i])), i
+        except BadImageError:  # unreadable, truncated, or a decompression bomb
             return torch.zeros(3, self.size, self.size), -1 - i
 
 

@@ -222,6 +222,14 @@ def confusion_section(cm: np.ndarray, class_names: Sequence[str], png: str) -> l
     return lines
 
 
+def budget_text(b: dict[str, Any]) -> str:
+    """``plan.budget`` as one line: epochs, steps, batch and where the figure came from."""
+    if not b:
+        return "–"
+    return (f"{b['epochs']} epochs = {b['steps']} steps of {b['global_batch']} images "
+            f"({b['batch_per_device']} per device × {b['devices']}), from {b['from']}")  # fmt: skip
+
+
 def render_report(
     summary: Mapping[str, Any],
     split_counts: Mapping[str, Sequence[int]],
@@ -233,7 +241,9 @@ def render_report(
     """``report.md`` text. ``curves``: ``png``, ``marks`` and a ``note``; None: no CSV."""
     plan = summary.get("plan", {})
     out = ["# transferkit run report", "", "## Plan", "", str(plan.get("reason", "")), ""]
-    out += _table(("setting", "value"), [(k, v) for k, v in plan.items() if k != "reason"])
+    settings = [(k, budget_text(v) if k == "budget" else v) for k, v in plan.items()
+                if k != "reason"]  # fmt: skip
+    out += _table(("setting", "value"), settings)
     out += ["", "## Data", ""]
     names = list(split_counts)
     rows = [(c, *(split_counts[s][i] for s in names)) for i, c in enumerate(class_names)]

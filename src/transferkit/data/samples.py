@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,36 @@ class Samples:
         if self.images is not None:
             return Image.fromarray(self.images[i]).convert("RGB")
         assert self.paths is not None
-        return to_rgb(Image.open(self.paths[i]))
+        return read_rgb(self.paths[i])
+
+
+class BadImageError(DataError):
+    """A file that does not decode to an image; ``kind`` is ``unreadable`` or ``bomb``."""
+
+    def __init__(self, path: Path, kind: str, detail: str) -> None:
+        super().__init__(f"cannot read image {path} ({kind}: {detail})")
+        self.path, self.kind = path, kind
+
+
+def read_rgb(path: Path) -> Image.Image:
+    """Decode ``path`` fully and convert it to RGB.
+
+    A decompression bomb (more pixels than Pillow's ``Image.MAX_IMAGE_PIXELS``, where
+    Pillow only warns below twice that) is refused before it is decoded.
+
+    Raises:
+        BadImageError: the file is unreadable, truncated, not an image, or a bomb.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as im:
+                im.load()
+                return to_rgb(im)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise BadImageError(path, "bomb", str(e)) from e
+        except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
+            raise BadImageError(path, "unreadable", f"{type(e).__name__}: {e}") from e
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
