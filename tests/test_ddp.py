@@ -51,3 +51,22 @@ def test_without_late_sync_replicas_drift_after_unfreeze(tmp_path):
     assert diff > 1e-4
     head = [k for k in ddp["end_rank0"] if k.startswith("head.")]
     assert all(torch.equal(ddp["end_rank0"][k], ddp["end_rank1"][k]) for k in head)
+
+
+@pytest.mark.parametrize("order", ["fixed", "late_sync_after_unscale"])
+def test_fp16_overflow_on_one_rank_after_unfreeze_is_skipped_by_all(order, tmp_path):
+    """With a gradient scaler (16-mixed), rank 1 alone overflows in a late-unfrozen parameter.
+    The all-reduce runs after backward, before the scaler's inf check: both ranks skip that
+    step and halve their scale together. Where it was (after the check), rank 1 skipped,
+    rank 0 stepped on the non-finite gradient, and weights and scales drifted apart."""
+    flags = ("fp16",) if order == "fixed" else ("fp16", order)
+    ddp = _run(tmp_path / order, 2, "gradual", *flags)
+    end0, end1 = ddp["end_rank0"], ddp["end_rank1"]
+    same = all(torch.equal(end0[k], end1[k]) for k in end0)
+    finite = all(torch.isfinite(v).all() for v in (*end0.values(), *end1.values())
+                 if v.is_floating_point())  # fmt: skip
+    scales = (ddp["scale_rank0"].item(), ddp["scale_rank1"].item())
+    if order == "fixed":
+        assert same and finite and scales[0] == scales[1] < 65536.0  # the overflow was skipped
+    else:
+        assert not (same and finite) and scales[0] != scales[1]

@@ -302,11 +302,21 @@ class ImageClassifier(L.LightningModule):
         # What DDP saw as trainable when it wrapped the model: only these are all-reduced.
         self._wrap_trainable = {id(p) for p in self.parameters() if p.requires_grad}
 
-    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+    def on_after_backward(self) -> None:
         """All-reduce gradients of parameters unfrozen after DDP wrapped the model.
 
         DDP only synchronises parameters that required grad at wrap time; without this,
         replicas drift apart after an unfreeze (Lightning's BackboneFinetuning does).
+
+        Why here, after each backward, and not before the optimizer step: with a gradient
+        scaler (``16-mixed``) Lightning unscales the gradients and checks them for inf/NaN
+        right after the closure, before ``on_before_optimizer_step``. Reduced later, an
+        overflow on one rank would be seen by that rank's check only: it skips the step and
+        lowers its scale while the others step on non-finite gradients, and the replicas
+        and their scalers drift apart. Reduced here, every rank's check sees the same
+        gradients. With gradient accumulation each micro-batch is reduced: averaging is
+        linear, so the accumulated gradient is the same average DDP computes. The LBFGS
+        closure's re-evaluations are each reduced too.
         """
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
             return
