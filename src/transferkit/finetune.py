@@ -36,6 +36,7 @@ from transferkit.distributed import check_multirun, scaled_optimizer
 from transferkit.errors import ConfigError, MissingPackageError
 from transferkit.io import write_json
 from transferkit.models.finetuning import trainable_names
+from transferkit.optim import check_optimizer_settings
 from transferkit.policy import resolve_plan
 from transferkit.report import budget_text, write_run_report
 from transferkit.trust import TargetPolicy, config_targets
@@ -128,11 +129,13 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     dm = instantiate(cfg.data)
     dm.setup("fit")
     counts = dm.counts()
+    optimizer = instantiate(cfg.optimizer)
+    check_optimizer_settings(optimizer)
     model = instantiate(
         cfg.model,
         num_classes=dm.num_classes,
         class_names=dm.classes,
-        optimizer=instantiate(cfg.optimizer),
+        optimizer=optimizer,
         scheduler=instantiate(cfg.scheduler),
         _recursive_=False,
     )

@@ -17,6 +17,24 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR, ReduceLR
 from transferkit.errors import ConfigError
 
 
+def check_optimizer_settings(factory: Any) -> None:
+    """Refuse optimizer settings torch would reject mid-run (or silently misuse) up front.
+
+    Raises:
+        ConfigError: ``lr`` not a positive finite number, negative ``weight_decay``, or
+            ``momentum`` outside [0, 1).
+    """
+    kw = getattr(factory, "keywords", {}) or {}
+    lr = kw.get("lr")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float))
+                           or not 0 < lr < math.inf):  # fmt: skip
+        raise ConfigError(f"optimizer.lr={lr!r} must be a positive number, e.g. optimizer.lr=1e-3.")
+    if float(kw.get("weight_decay", 0.0) or 0.0) < 0:
+        raise ConfigError(f"optimizer.weight_decay={kw['weight_decay']} must be >= 0.")
+    if "momentum" in kw and not 0.0 <= float(kw["momentum"]) < 1.0:
+        raise ConfigError(f"optimizer.momentum={kw['momentum']} must be in [0, 1).")
+
+
 def _check_fraction(name: str, value: float, *, closed: bool = False) -> None:
     ok = 0.0 <= value <= 1.0 if closed else 0.0 <= value < 1.0
     if not ok:

@@ -145,8 +145,15 @@ class ImageDataModule(L.LightningDataModule):
                 f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction} "
                 "leaves no training images; lower them."
             )
-        if batch_size < 1:
-            raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}.")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"data.batch_size must be a whole number >= 1, got {batch_size!r}.")
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
+            raise ConfigError(
+                f"data.image_size={image_size!r}: give the square input size in pixels, at "
+                "least 8 (e.g. 224, or 64 for small images)."
+            )
+        if num_workers != "auto" and (not isinstance(num_workers, int) or num_workers < 0):
+            raise ConfigError(f"data.num_workers={num_workers!r}: give auto or a number >= 0.")
         self.batch_size, self.num_workers = batch_size, num_workers
         self.image_size = image_size
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
