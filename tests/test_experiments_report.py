@@ -3,6 +3,8 @@ table, and the reuse of finished runs."""
 
 import re
 
+import pytest
+
 from transferkit.experiments import EXPERIMENTS, main, plan_runs
 
 TINY = ["model.backbone=test_efficientnet", "model.weights=none", "data.image_size=32",
@@ -10,6 +12,7 @@ TINY = ["model.backbone=test_efficientnet", "model.weights=none", "data.image_si
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # about 100 s on 2 cores: `make test-all` runs it
 def test_quick_experiments_write_the_whole_report(tmp_path, capsys):
     out = tmp_path / "experiments"
     assert main(["--quick", "--out", str(out), "--", *TINY]) == 0
