@@ -3,6 +3,7 @@ resume, a non-zero exit, and a prompt stop outside the training loop too."""
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -30,22 +31,29 @@ class SigtermAt(L.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _overrides(root, out, *extra):
+def _base_overrides(root, out, *extra, workers=0):
     # random crops and flips, dropout and shuffling: only exact with every generator restored
     return tiny_overrides(
         root, out, "trainer.max_epochs=2", "augment=light", "finetune=partial",
-        "finetune.trainable_blocks=3", "model.drop_rate=0.2", "data.batch_size=4", *extra,
+        "finetune.trainable_blocks=3", "model.drop_rate=0.2", "data.batch_size=4",
+        f"data.num_workers={workers}", *extra,
     )  # fmt: skip
+
+
+_overrides = _base_overrides
 
 
 def _last(out):
     return torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
 
 
-@pytest.mark.parametrize("epoch", [0, 1])
+@pytest.mark.parametrize(("epoch", "workers"), [(0, 0), (1, 0), (1, 2)])
 def test_sigterm_mid_epoch_checkpoints_at_once_and_resumes_exactly(
-    epoch, image_folder, tmp_path, make_cfg, capsys
+    epoch, workers, image_folder, tmp_path, make_cfg, capsys
 ):
+    """With loader workers too (persistent ones): each image's augmentation has its own
+    seed, so the workers' generators do not matter."""
+    _overrides = functools.partial(_base_overrides, workers=workers)
     full, _ = finetune(make_cfg(*_overrides(image_folder, tmp_path / "full")))
 
     out = tmp_path / "stopped"
@@ -153,3 +161,20 @@ def test_sigterm_during_testing_stops_with_no_summary(image_folder, tmp_path, ma
     assert stopped.value.code == 128 + signal.SIGTERM
     assert not (out / "summary.json").exists() and not list(out.rglob("*.tmp"))
     assert _last(out)["epoch"] == 1  # training finished: its checkpoints are whole
+
+
+class _SignalOfWorker(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> bool:
+        return signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+
+
+def test_loader_workers_ignore_sigterm(image_folder):
+    """SLURM signals every process of the step: workers leave stopping to the main process."""
+    from transferkit.data.datamodule import training_loader
+
+    loader = training_loader(_SignalOfWorker(), 1, None, seed=0, num_workers=1)
+    assert all(bool(b) for b in loader)
+    assert signal.getsignal(signal.SIGTERM) != signal.SIG_IGN  # not in the main process

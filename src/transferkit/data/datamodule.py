@@ -28,6 +28,7 @@ from transferkit.data.order import (
     sample_seed,
     seeded,
     untag,
+    worker_ignores_stop_signals,
 )
 from transferkit.data.samples import (
     Samples,
@@ -283,6 +284,7 @@ class ImageDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             generator=own_generator(self.seed),
             persistent_workers=settings["num_workers"] > 0,
+            worker_init_fn=worker_ignores_stop_signals,
             **settings,
         )
 
@@ -320,6 +322,7 @@ def training_loader(
         drop_last=drop_last(size, batch_size, world),
         generator=own_generator(seed),
         persistent_workers=settings.get("num_workers", 0) > 0,
+        worker_init_fn=worker_ignores_stop_signals,
         **settings,
     )
 
