@@ -65,3 +65,29 @@ def tiny_overrides(root: Path, out: Path, *extra: str) -> list[str]:
         f"paths.output_dir={out}",
         *extra,
     ]
+
+
+def write_bomb_png(path: Path, pixels: int) -> None:
+    """A valid PNG of a few hundred bytes that declares ``pixels`` pixels (1-bit, all black):
+    Pillow checks the declared size when it opens the file, before decoding anything."""
+    import struct
+    import zlib
+
+    side = int(pixels**0.5) + 1
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
+
+    row = b"\0" * (1 + (side + 7) // 8)  # filter byte + packed bits
+    idat = zlib.compress(row * 16, 9)  # a few rows: enough to open, never decoded in full
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+        + chunk(b"IDAT", idat)
+        + chunk(b"IEND", b"")
+    )

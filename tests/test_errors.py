@@ -21,7 +21,7 @@ from transferkit.export import export
 from transferkit.finetune import finetune
 from transferkit.predict import predict
 
-from .conftest import CONF_DIR, tiny_overrides, write_images
+from .conftest import CONF_DIR, tiny_overrides, write_bomb_png, write_images
 
 
 def fails(task, capsys) -> str:
@@ -93,12 +93,6 @@ def test_bad_files_are_skipped_and_counted(tmp_path, make_cfg, caplog):
     assert summary["train_size"] + summary["val_size"] + summary["test_size"] == 12
 
 
-def _bomb(path, pixels=Image.MAX_IMAGE_PIXELS + 1):
-    """A small PNG (a few kB) that decodes to more pixels than Pillow allows."""
-    side = int(pixels**0.5) + 1
-    Image.new("1", (side, side)).save(path)
-
-
 def test_non_image_files_never_stop_a_run_and_bombs_are_skipped(tmp_path, make_cfg, caplog):
     """A README.txt or labels.csv beside the images used to count as unreadable and stop the
     run under on_bad_image=fail; a decompression bomb raised Pillow's error even under skip."""
@@ -111,8 +105,7 @@ def test_non_image_files_never_stop_a_run_and_bombs_are_skipped(tmp_path, make_c
                                                        "data.on_bad_image=fail")))  # fmt: skip
     assert summary["train_size"] + summary["val_size"] + summary["test_size"] == 12
     assert "2 not image files" in caplog.text
-    _bomb(root / "b" / "bomb.png")
-    assert (root / "b" / "bomb.png").stat().st_size < 100_000
+    write_bomb_png(root / "b" / "bomb.png", 3 * Image.MAX_IMAGE_PIXELS)  # 111 bytes
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         summary, _ = finetune(make_cfg(*tiny_overrides(root, tmp_path / "o2")))

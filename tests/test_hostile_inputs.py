@@ -22,7 +22,7 @@ from PIL import Image
 from transferkit.cli import run_cli
 from transferkit.finetune import finetune
 
-from .conftest import tiny_overrides, write_images
+from .conftest import tiny_overrides, write_bomb_png, write_images
 
 CLASSES = ["ant", "bee", "cat"]
 
@@ -80,10 +80,11 @@ def _animated(root: Path) -> None:
     frames[0].save(root / "ant" / "anim.gif", save_all=True, append_images=frames[1:])
 
 
-def _bomb(root: Path) -> None:
-    side = int(Image.MAX_IMAGE_PIXELS**0.5) + 2
+def _bomb(root: Path, times: float = 3) -> None:
+    """A 111-byte PNG that declares ``times`` Pillow's pixel limit (over 2x: Pillow raises;
+    between 1x and 2x it only warns and would decode hundreds of megabytes)."""
     (root / "bee").mkdir(parents=True, exist_ok=True)
-    Image.new("1", (side, side)).save(root / "bee" / "bomb.png")  # a few kB on disk
+    write_bomb_png(root / "bee" / "bomb.png", int(times * Image.MAX_IMAGE_PIXELS))
 
 
 def _splits(train, val, test, per_class=4) -> Callable[[Path], None]:
@@ -108,6 +109,8 @@ ROWS = [
         ("1 not image files",)),
     Row("upper-case extension", _plus(_image("ant/SHOUT.PNG", "RGB")), "trains"),
     Row("decompression bomb", _plus(_bomb), "trains", ("1 decompression bombs", "bomb.png")),
+    Row("bomb Pillow only warns about", _plus(lambda r: _bomb(r, 1.5)), "trains",
+        ("1 decompression bombs",)),
     Row("bomb with on_bad_image=fail", _plus(_bomb), "error",
         ("bomb.png", "data.on_bad_image=skip"), ("data.on_bad_image=fail",)),
     Row("corrupt file with on_bad_image=fail", _plus(_bytes("ant/x.png", b"nope")), "error",

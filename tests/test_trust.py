@@ -48,8 +48,10 @@ def _plant(trained, tmp_path, head) -> tuple:
     return path
 
 
-def _shell(marker) -> dict:
-    return {"_target_": "os.system", "_args_": [f"touch {marker}"]}
+def _copy(marker) -> dict:
+    """Copies a file to ``marker``: it could as well overwrite or leak any file. Hydra 1.3.8
+    blocks shell targets like os.system by itself, not file operations."""
+    return {"_target_": "shutil.copy", "_args_": [__file__, str(marker)]}
 
 
 def _cfg(name, *overrides):
@@ -74,24 +76,27 @@ def _entry_points(trained, tmp_path, ckpt):
 @pytest.mark.parametrize(
     "planted",
     [
-        lambda m: _shell(m),  # the head itself
+        lambda m: _copy(m),  # the head itself
         lambda m: {
             "_target_": "transferkit.models.heads.LinearHead",
             "_partial_": True,
-            "dropout": _shell(m),
+            "dropout": _copy(m),
         },  # nested in a trusted one
-        lambda m: {**_shell(m), "_target_": "transferkit.finetune.os.system"},  # via our name
+        # a transferkit function, not a class: it writes any file it is told to
+        lambda m: {"_target_": "transferkit.io.write_json", "path": str(m), "obj": {}},
     ],
-    ids=["head", "nested", "prefix"],
+    ids=["head", "nested", "transferkit-function"],
 )
 def test_a_planted_target_never_runs(entry, planted, trained, tmp_path, capsys):
     marker = tmp_path / "pwned"
-    ckpt = _plant(trained, tmp_path, planted(marker))
+    node = planted(marker)
+    ckpt = _plant(trained, tmp_path, node)
     with pytest.raises(SystemExit) as e:
         run_cli(_entry_points(trained, tmp_path, ckpt)[entry])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "os.system" in err and "allowed_targets=" in err and "trust_remote_code=true" in err
+    named = "transferkit.io.write_json" if "path" in node else "shutil.copy"
+    assert named in err and "allowed_targets=" in err and "trust_remote_code=true" in err
     assert not marker.exists()
 
 
