@@ -34,18 +34,22 @@ def _overrides(root, out, *extra):
     )  # fmt: skip
 
 
-def test_resumed_run_matches_the_uninterrupted_one(image_folder, tmp_path, make_cfg):
-    full, objects = finetune(make_cfg(*_overrides(image_folder, tmp_path / "full")))
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resumed_run_matches_the_uninterrupted_one(workers, image_folder, tmp_path, make_cfg):
+    """With loader workers, which draw the resumed epoch's first indices when the loader is
+    built: the sampler must already know the epoch then."""
+    loader = f"data.num_workers={workers}"
+    full, objects = finetune(make_cfg(*_overrides(image_folder, tmp_path / "full", loader)))
 
     out = tmp_path / "crashed"
     crash = "+callbacks.crash={_target_: tests.test_resume.CrashAfterEpoch, epoch: 0}"
     with pytest.raises(RuntimeError, match="simulated crash"):
-        finetune(make_cfg(*_overrides(image_folder, out, crash)))
+        finetune(make_cfg(*_overrides(image_folder, out, crash, loader)))
     last = out / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["epoch"] == 0
 
     resumed, resumed_objects = finetune(
-        make_cfg(*_overrides(image_folder, out, f"ckpt_path={last}"))
+        make_cfg(*_overrides(image_folder, out, f"ckpt_path={last}", loader))
     )
     assert resumed["epochs"] == full["epochs"] == 3
     assert resumed["global_steps"] == full["global_steps"]

@@ -26,6 +26,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
+from transferkit import preemption
 from transferkit.caching import CachedFeatureDataModule, cache_decision
 from transferkit.callbacks.fit_diagnosis import FitDiagnosis
 from transferkit.callbacks.history import History
@@ -262,6 +263,9 @@ def finetune(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         lr_find = tune_lr(cfg, objects)
     start = time.perf_counter()
     trainer.fit(model, datamodule=fit_dm, ckpt_path=cfg.get("ckpt_path"))
+    # A SIGTERM in the last batch ends fit normally (the epoch's checkpoints are saved):
+    # stop before testing rather than run on. Lightning forgets it when test() starts.
+    preemption.check()
     fit_seconds = time.perf_counter() - start
     # Before testing: restoring the best checkpoint also restores the callbacks' state.
     fit = next((c.result() for c in trainer.callbacks if isinstance(c, FitDiagnosis)), None)

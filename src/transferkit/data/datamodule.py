@@ -23,6 +23,7 @@ from transferkit.data.image_folder import scan_image_folder
 from transferkit.data.order import (
     EpochSampler,
     drop_last,
+    next_epoch,
     own_generator,
     resume_skip,
     sample_seed,
@@ -312,7 +313,7 @@ def training_loader(
         num_replicas=world,
         rank=rank,
         seed=seed,
-        epoch=int(getattr(trainer, "current_epoch", 0) or 0),
+        epoch=next_epoch(trainer),
         skip=resume_skip(trainer, batch_size),
     )
     return DataLoader(

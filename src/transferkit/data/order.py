@@ -131,6 +131,14 @@ def drop_last(size: int, batch_size: int, world_size: int) -> bool:
     return shard_size(size, world_size) % batch_size == 1
 
 
+def next_epoch(trainer: Any) -> int:
+    """The epoch the next training pass belongs to, as Lightning will tell the sampler
+    (``set_epoch``). ``trainer.current_epoch`` still says 0 when a run resumed from the end
+    of an epoch builds its loader, and loader workers draw their first indices at once."""
+    loop = getattr(trainer, "fit_loop", None)
+    return int(loop.epoch_progress.current.processed) if loop is not None else 0
+
+
 def resume_skip(trainer: Any, batch_size: int) -> int:
     """Indices of this rank's shard that a run resumed mid-epoch has already trained on."""
     loop = getattr(trainer, "fit_loop", None)
