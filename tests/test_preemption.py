@@ -4,11 +4,13 @@ resume, a non-zero exit, and a prompt stop outside the training loop too."""
 from __future__ import annotations
 
 import functools
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -21,12 +23,15 @@ from .conftest import tiny_overrides, write_images
 
 
 class SigtermAt(L.Callback):
-    """Sends this process SIGTERM after training batch ``batch`` of epoch ``epoch``."""
+    """Sends this process SIGTERM after training batch ``batch`` of epoch ``epoch`` (on one
+    rank only when ``rank`` is given)."""
 
-    def __init__(self, epoch: int, batch: int) -> None:
-        self.epoch, self.batch = epoch, batch
+    def __init__(self, epoch: int, batch: int, rank: int | None = None) -> None:
+        self.epoch, self.batch, self.rank = epoch, batch, rank
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.rank is not None and trainer.global_rank != self.rank:
+            return
         if (trainer.current_epoch, batch_idx) == (self.epoch, self.batch):
             os.kill(os.getpid(), signal.SIGTERM)
 
@@ -178,3 +183,71 @@ def test_loader_workers_ignore_sigterm(image_folder):
     loader = training_loader(_SignalOfWorker(), 1, None, seed=0, num_workers=1)
     assert all(bool(b) for b in loader)
     assert signal.getsignal(signal.SIGTERM) != signal.SIG_IGN  # not in the main process
+
+
+def test_a_mid_epoch_checkpoint_refuses_other_batch_settings(image_folder, tmp_path, make_cfg,
+                                                             capsys):  # fmt: skip
+    """The resumed epoch skips the batches done: with another batch size or seed it would
+    skip other images than those it trained on."""
+    out = tmp_path / "stopped"
+    kill = "+callbacks.kill={_target_: tests.test_preemption.SigtermAt, epoch: 0, batch: 1}"
+    with pytest.raises(SystemExit):
+        run_cli(lambda: finetune(make_cfg(*_overrides(image_folder, out, kill))))
+    resume = f"ckpt_path={out}/checkpoints/last.ckpt"
+    for changed in ("data.batch_size=2", "seed=7"):
+        with pytest.raises(SystemExit) as e:
+            run_cli(lambda c=changed: finetune(make_cfg(*_overrides(image_folder, out, resume, c))))
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "middle of an epoch (2 batches done)" in err and "end of an epoch" in err
+
+
+def test_no_checkpoint_between_accumulated_micro_batches(image_folder, tmp_path, make_cfg,
+                                                         caplog):  # fmt: skip
+    out = tmp_path / "stopped"
+    # after batch 2: the first optimizer step is done, the second has half its gradients
+    kill = "+callbacks.kill={_target_: tests.test_preemption.SigtermAt, epoch: 0, batch: 2}"
+    with caplog.at_level("WARNING"), pytest.raises(SystemExit):
+        run_cli(lambda: finetune(make_cfg(*_overrides(
+            image_folder, out, kill, "trainer.accumulate_grad_batches=2"))))  # fmt: skip
+    assert "an accumulated step" in caplog.text and "none yet" in caplog.text
+    assert not (out / "checkpoints" / "last.ckpt").exists()
+
+
+def _ddp_cli(out, root, *extra):
+    repo = str(Path(__file__).resolve().parents[1])  # for the test callback's module
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": repo,
+           "PYTHONWARNINGS": "ignore"}  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "transferkit.finetune", "trainer=ddp_cpu", "data=image_folder",
+         f"data.root={root}", "data.image_size=32", "data.batch_size=4", "augment=light",
+         "data.val_fraction=0.25", "data.test_fraction=0.25", "model.backbone=test_efficientnet",
+         "model.weights=none", "model.drop_rate=0.2", "finetune=partial",
+         "finetune.trainable_blocks=3", "trainer.max_epochs=2", "trainer.enable_progress_bar=false",
+         "report=false", f"hydra.run.dir={out}", *extra],
+        capture_output=True, text=True, timeout=300, env=env, cwd=out.parent,
+    )  # fmt: skip
+
+
+def test_sigterm_under_ddp_stops_every_rank_at_the_same_batch(tmp_path):
+    """Two processes (gloo); SIGTERM reaches rank 1 alone. Lightning 2.6's own handling left
+    the ranks waiting for each other; here both stop after the same step, save one
+    last.ckpt, exit 143, and the resumed run ends bit-identical to one never stopped."""
+    write_images(tmp_path / "images", ["a", "b"], per_class=24)
+    full = _ddp_cli(tmp_path / "full", tmp_path / "images")
+    assert full.returncode == 0, full.stderr[-2000:]
+    kill = (
+        "+callbacks.kill={_target_: tests.test_preemption.SigtermAt, epoch: 0, batch: 1, rank: 1}"
+    )
+    stopped = _ddp_cli(tmp_path / "run", tmp_path / "images", kill)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
+    logs = stopped.stdout + stopped.stderr
+    assert logs.count("stopped at epoch 0, step 2") == 2, logs[-3000:]  # both ranks, same step
+    resumed = _ddp_cli(tmp_path / "run", tmp_path / "images",
+                       f"ckpt_path={tmp_path}/run/checkpoints/last.ckpt")  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("full", "run"))
+    assert (a["test_acc"], a["test_loss"], a["global_steps"]) == (
+        b["test_acc"], b["test_loss"], b["global_steps"])  # fmt: skip
+    sa, sb = (_last(tmp_path / d)["state_dict"] for d in ("full", "run"))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from transferkit.data.order import EpochSampler, drop_last, shard_size
+from transferkit.data.datamodule import training_loader
+from transferkit.data.order import EpochSampler
 from transferkit.data.samples import interleave_classes, limit_per_class, stratified_split
 from transferkit.errors import ConfigError, DataError
 from transferkit.policy import epochs_for_steps, parse_blocks, resolve_plan, steps_per_epoch
@@ -130,8 +131,6 @@ def test_a_step_budget_is_met_with_the_fewest_epochs(steps, size, batch, world):
     per_epoch = steps_per_epoch(size, batch, world)
     epochs = epochs_for_steps(steps, size, batch, world)
     assert epochs * per_epoch >= steps > (epochs - 1) * per_epoch
-    shard = shard_size(size, world)
-    assert per_epoch == max(1, math.ceil(shard / batch) - drop_last(shard, batch, 1))
 
 
 @FAST
@@ -149,6 +148,28 @@ def test_training_order_is_a_function_of_seed_and_epoch(size, world, seed, epoch
     resumed = EpochSampler(data, world, 0, seed, epoch, skip=done)
     assert list(resumed) == shards[0][done:]
     assert list(resumed) == shards[0]  # the skip is for one pass only
-    # no rank ends its epoch on a batch of one image when drop_last says so
-    if drop_last(size, batch, world):
-        assert len(shards[0]) % batch == 1
+
+
+@FAST
+@given(size=st.integers(2, 300), world=st.integers(1, 8), batch=st.integers(2, 64),
+       accumulate=st.integers(1, 4))  # fmt: skip
+def test_the_training_loaders_of_all_ranks(size, world, batch, accumulate):
+    """Each rank's loader (as Lightning would use it under DDP) has no batch of one image,
+    as many batches as every other rank, and the policy counts its optimizer steps right."""
+
+    class Trainer:  # what training_loader reads of a trainer
+        world_size, global_rank, fit_loop = world, 0, None
+
+    if size <= world:  # a rank would get one image: refused
+        with pytest.raises(DataError, match="fewer devices"):
+            training_loader(list(range(size)), batch, Trainer(), 0)
+        return
+
+    lengths = set()
+    for rank in range(world):
+        Trainer.global_rank = rank
+        batches = [len(b) for b in training_loader(list(range(size)), batch, Trainer(), 0)]
+        assert 1 not in batches
+        lengths.add(len(batches))
+    assert len(lengths) == 1
+    assert steps_per_epoch(size, batch, world, accumulate) == math.ceil(lengths.pop() / accumulate)

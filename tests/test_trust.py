@@ -15,7 +15,7 @@ from transferkit.evaluate import evaluate
 from transferkit.export import export
 from transferkit.finetune import finetune
 from transferkit.predict import predict
-from transferkit.trust import TargetPolicy, check_targets, is_transferkit_class
+from transferkit.trust import TargetPolicy, check_targets, is_builtin_target
 
 from .conftest import CONF_DIR, tiny_overrides, write_images
 
@@ -84,8 +84,14 @@ def _entry_points(trained, tmp_path, ckpt):
         },  # nested in a trusted one
         # a transferkit function, not a class: it writes any file it is told to
         lambda m: {"_target_": "transferkit.io.write_json", "path": str(m), "obj": {}},
+        # an interpolation that builds a node when instantiate resolves the config
+        lambda m: {
+            "_target_": "transferkit.models.heads.LinearHead",
+            "_partial_": True,
+            "dropout": f"${{oc.create:{{_target_: shutil.copy, src: {__file__}, dst: {m}}}}}",
+        },
     ],
-    ids=["head", "nested", "transferkit-function"],
+    ids=["head", "nested", "transferkit-function", "interpolation"],
 )
 def test_a_planted_target_never_runs(entry, planted, trained, tmp_path, capsys):
     marker = tmp_path / "pwned"
@@ -95,8 +101,11 @@ def test_a_planted_target_never_runs(entry, planted, trained, tmp_path, capsys):
         run_cli(_entry_points(trained, tmp_path, ckpt)[entry])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    named = "transferkit.io.write_json" if "path" in node else "shutil.copy"
-    assert named in err and "allowed_targets=" in err and "trust_remote_code=true" in err
+    if isinstance(node.get("dropout"), str):
+        assert "interpolations" in err and "oc.create" in err
+    else:
+        named = "transferkit.io.write_json" if "path" in node else "shutil.copy"
+        assert named in err and "allowed_targets=" in err and "trust_remote_code=true" in err
     assert not marker.exists()
 
 
@@ -132,17 +141,37 @@ def test_resume_allows_the_targets_of_the_runs_own_config(trained, tmp_path):
     ("target", "trusted"),
     [
         ("transferkit.models.heads.LinearHead", True),
+        ("transferkit.models.heads.MLPHead", True),
         ("transferkit.models.norms.BatchRenorm1d", True),
-        ("transferkit.finetune.os.system", False),  # a transferkit name that leads elsewhere
-        ("transferkit.io.write_json", False),  # a function: it could write anywhere
-        ("transferkit.finetune.Path", False),
+        ("transferkit.models.classifier.ImageClassifier", False),  # builds backbones, downloads
+        ("transferkit.data.ImageFolderDataModule", False),  # scans any folder
+        ("transferkit.models.heads.nn.Linear", False),  # a name that leads elsewhere
+        ("transferkit.finetune.os.system", False),
+        ("transferkit.io.write_json", False),  # a function: it writes any file
+        ("transferkit.models.norms.make_norm1d", False),
         ("transferkit.no_such_module.Thing", False),
         ("os.system", False),
         ("builtins.eval", False),
     ],
 )
-def test_only_transferkit_classes_are_trusted(target, trusted):
-    assert is_transferkit_class(target) is trusted
+def test_only_transferkit_heads_and_norms_are_trusted(target, trusted):
+    assert is_builtin_target(target) is trusted
+    assert TargetPolicy().allows(target) is trusted
+
+
+def test_an_allowed_package_admits_only_what_it_defines():
+    """'allowed_targets=[tests.]' allows tests.test_trust.MyHead, not a name under tests.
+    that resolves to os.system or shutil.copy (test_trust imports them)."""
+    policy = TargetPolicy(("tests.",))
+    assert policy.allows("tests.test_trust.MyHead")
+    assert not policy.allows("tests.test_trust.shutil.copy")
+    assert not policy.allows("tests.test_trust.torch.save")
+    assert TargetPolicy(("tests.test_trust.shutil.copy",)).allows("tests.test_trust.shutil.copy")
+
+
+def test_allowed_targets_must_be_a_list():
+    with pytest.raises(ValueError, match=r"allowed_targets='my_package.MyHead' must be a list"):
+        TargetPolicy.from_config({"allowed_targets": "my_package.MyHead"})
 
 
 def test_every_target_is_found_and_named():
@@ -190,3 +219,38 @@ def test_resume_never_unpickles_code(trained, tmp_path, capsys):
             run_cli(entry)
         assert e.value.code == 2 and "cannot read checkpoint" in capsys.readouterr().err
     assert not marker.exists()
+
+
+def test_a_checkpoint_cannot_hide_a_model_that_downloads(trained, tmp_path):
+    """A nested transferkit class that builds a backbone (and could download or read files)
+    is not a head: refused like any other code."""
+    ckpt = torch.load(trained / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    ckpt["hyper_parameters"]["head"] = {
+        "_target_": "transferkit.models.heads.LinearHead", "_partial_": True,
+        "dropout": {"_target_": "transferkit.models.classifier.ImageClassifier",
+                    "backbone": "resnet18", "num_classes": 2, "pretrained": True},
+    }  # fmt: skip
+    torch.save(ckpt, tmp_path / "x.ckpt")
+    with pytest.raises(UntrustedCheckpointError, match="ImageClassifier"):
+        load_classifier(tmp_path / "x.ckpt")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("image_size", "big"), ("num_classes", True), ("head", "x"), ("class_names", [1, 2, 3])],
+)
+def test_hyper_parameters_of_the_wrong_type_are_one_line(key, value, trained, tmp_path):
+    ckpt = torch.load(trained / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    ckpt["hyper_parameters"][key] = value
+    torch.save(ckpt, tmp_path / "x.ckpt")
+    with pytest.raises(ValueError, match=rf"wrong type: {key}="):
+        load_classifier(tmp_path / "x.ckpt")
+
+
+def test_weights_that_do_not_fit_are_one_line(trained, tmp_path):
+    ckpt = torch.load(trained / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    ckpt["hyper_parameters"]["num_classes"] = 5
+    ckpt["hyper_parameters"]["class_names"] = list("abcde")
+    torch.save(ckpt, tmp_path / "x.ckpt")
+    with pytest.raises(ValueError, match="do not fit the model"):
+        load_classifier(tmp_path / "x.ckpt")

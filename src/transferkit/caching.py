@@ -219,11 +219,11 @@ def compute_features(
         rank = int(os.environ.get("LOCAL_RANK", 0)) + 1000 * int(os.environ.get("NODE_RANK", 0))
         file = disk_dir / f"{name}.rank{rank}.npy"  # one file per process: ranks never share one
         store = np.lib.format.open_memmap(file, mode="w+", dtype=np.float16, shape=shape)
-    log.info("caching %s: %d x %s = %.1f MB as %s", name, n, tuple(shape[1:]), need / 2**20,
-             "float16 on disk" if isinstance(store, np.ndarray) else str(dtype))  # fmt: skip
     labels = torch.empty(n, dtype=torch.long)
     i = 0
     try:
+        log.info("caching %s: %d x %s = %.1f MB as %s", name, n, tuple(shape[1:]), need / 2**20,
+                 "float16 on disk" if isinstance(store, np.ndarray) else str(dtype))  # fmt: skip
         for x, y in tqdm(loader, desc=f"caching {name} features", leave=False):
             preemption.check()  # a stop request ends caching within one batch
             f = split.prefix(x.to(device)).cpu()

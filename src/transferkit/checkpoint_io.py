@@ -78,22 +78,55 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             f"cannot read checkpoint {str(path)!r} ({type(e).__name__}: {str(e)[:200]}). "
             "Is it a complete .ckpt file written by transferkit?"
         ) from e
-    if not isinstance(ckpt, dict) or "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
+    if (
+        not isinstance(ckpt, dict)
+        or not isinstance(ckpt.get("hyper_parameters"), dict)
+        or not isinstance(ckpt.get("state_dict"), dict)
+    ):
         raise CheckpointError(
             f"{str(path)!r} is not a transferkit checkpoint (no hyper_parameters/state_dict). "
             "Pass a .ckpt file from a transferkit run (checkpoints/best.ckpt or last.ckpt)."
         )
+    _check_hparam_types(ckpt["hyper_parameters"], path)
     return ckpt
 
 
-#: Hyper-parameters a checkpoint may set when it is loaded for inference: what the model is
-#: built from. ``weights`` and ``pretrained`` are not among them (the checkpoint's state dict
-#: replaces the initial weights, and nothing is downloaded); ``compile`` is ignored.
-INFERENCE_HPARAMS = frozenset({
-    "backbone", "num_classes", "head", "drop_rate", "drop_path_rate", "class_names",
-    "image_size", "crop_pct", "label_smoothing", "l1", "l1_scope", "decay_norm_and_bias",
-    "backbone_norm", "mixup", "channels_last", "compile",
-})  # fmt: skip
+_NUMBER = (int, float)
+#: The hyper-parameters of a transferkit checkpoint (what the model is built from) and their
+#: types. ``weights`` and ``pretrained`` are not among them: loading never downloads or reads
+#: other files, the checkpoint's state dict replaces the initial weights; ``compile`` is
+#: ignored when loading for inference.
+HPARAM_TYPES: dict[str, tuple[type, ...]] = {
+    "backbone": (str,), "num_classes": (int,), "head": (dict, type(None)),
+    "drop_rate": _NUMBER, "drop_path_rate": (*_NUMBER, type(None)),
+    "class_names": (list, type(None)), "image_size": (int,), "crop_pct": _NUMBER,
+    "label_smoothing": _NUMBER, "l1": _NUMBER, "l1_scope": (str,),
+    "decay_norm_and_bias": (bool,), "backbone_norm": (str,), "mixup": (dict, type(None)),
+    "channels_last": (bool,), "compile": (bool,),
+}  # fmt: skip
+
+
+def _check_hparam_types(hparams: dict[str, Any], path: Path) -> None:
+    """A file with the right keys but values of other types (a hostile or damaged file)
+    fails here with one line, not deep inside timm or torch."""
+    wrong = [
+        f"{key}={value!r}"
+        for key, value in hparams.items()
+        if key in HPARAM_TYPES
+        and (not isinstance(value, HPARAM_TYPES[key])
+             or (isinstance(value, bool) and bool not in HPARAM_TYPES[key]))
+    ]  # fmt: skip
+    names = hparams.get("class_names")
+    if isinstance(names, list) and not all(isinstance(n, str) for n in names):
+        wrong.append(f"class_names={names!r}")
+    for key in ("backbone", "num_classes"):
+        if key not in hparams:
+            wrong.append(f"{key} missing")
+    if wrong:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has hyper-parameters of the wrong type: "
+            f"{', '.join(wrong)}. It was not written by transferkit, or it is damaged."
+        )
 
 
 def load_classifier(
@@ -118,17 +151,30 @@ def load_classifier(
 
     ckpt = read_checkpoint(path)
     hparams = dict(ckpt["hyper_parameters"])
-    check_targets(hparams, policy or TargetPolicy(), f"checkpoint {str(path)!r}")
-    unknown = sorted(set(hparams) - INFERENCE_HPARAMS)
+    check_targets(_instantiated(hparams), policy or TargetPolicy(), f"checkpoint {str(path)!r}")
+    unknown = sorted(set(hparams) - set(HPARAM_TYPES))
     if unknown:
         raise CheckpointError(
             f"checkpoint {str(path)!r} sets {unknown}, which a transferkit checkpoint does not "
-            f"hold (it may set {sorted(INFERENCE_HPARAMS)}). Was it written by transferkit?"
+            f"hold (it may set {sorted(HPARAM_TYPES)}). Was it written by transferkit?"
         )
     model = ImageClassifier(**{**hparams, "compile": False})
     model.on_load_checkpoint(ckpt)
-    model.load_state_dict(ckpt["state_dict"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, TypeError) as e:
+        raise CheckpointError(
+            f"the weights in checkpoint {str(path)!r} do not fit the model its "
+            f"hyper-parameters describe ({str(e).splitlines()[0][:200]}). It is damaged, "
+            "or its hyper-parameters were edited."
+        ) from e
     return model.to(map_location).eval()
+
+
+def _instantiated(hparams: dict[str, Any]) -> dict[str, Any]:
+    """What of the hyper-parameters reaches Hydra's ``instantiate`` or could one day (all of
+    it, but the class names: folder names may hold ``${`` and are never resolved)."""
+    return {k: v for k, v in hparams.items() if k != "class_names"}
 
 
 def check_classes(
@@ -161,6 +207,7 @@ def check_resume(
     backbone: str,
     data_classes: Sequence[str],
     policy: TargetPolicy | None = None,
+    data_order: dict[str, int] | None = None,
 ) -> None:
     """Fail before training when ``ckpt_path`` cannot continue this run.
 
@@ -172,10 +219,13 @@ def check_resume(
         CheckpointNotFoundError: no such checkpoint.
         CheckpointError: another backbone, other classes, or not a training checkpoint.
         UntrustedCheckpointError: it names code the policy does not allow.
+        CheckpointError: saved in the middle of an epoch with another ``data_order``
+            (``batch_per_device``, ``devices``, ``seed``): the resumed epoch would skip
+            other images than those it trained on.
     """
     ckpt = read_checkpoint(path)
     hp = ckpt["hyper_parameters"]
-    check_targets(hp, policy or TargetPolicy(), f"ckpt_path={str(path)!r}")
+    check_targets(_instantiated(hp), policy or TargetPolicy(), f"ckpt_path={str(path)!r}")
     fix = "Resume with a checkpoint of this run's configuration, or set ckpt_path=null."
     if hp.get("backbone") != backbone:
         raise CheckpointError(
@@ -188,6 +238,21 @@ def check_resume(
             f"ckpt_path={str(path)!r} has no optimizer/loop state (saved with weights only), "
             "so training cannot resume from it; start a new run (ckpt_path=null)."
         )
+    stopped = next(
+        (v["mid_epoch"] for v in (ckpt.get("callbacks") or {}).values()
+         if isinstance(v, dict) and isinstance(v.get("mid_epoch"), dict)),
+        None,
+    )  # fmt: skip
+    if stopped and data_order:
+        saved = {k: stopped.get(k) for k in data_order}
+        if saved != data_order:
+            raise CheckpointError(
+                f"ckpt_path={str(path)!r} was saved in the middle of an epoch "
+                f"({stopped.get('batches_done')} batches done) with {saved}; this run has "
+                f"{data_order}, so it would continue on other images. Resume with "
+                "data.batch_size, the devices and seed the run had, or from a checkpoint "
+                "saved at the end of an epoch."
+            )
     run_dir = Path(path).expanduser().resolve().parent.parent
     log.info("resuming from %s (epoch %s)", path, ckpt.get("epoch"))
     log.info(

@@ -1,7 +1,7 @@
 """What every console script shares: where the configs are, and how a run ends.
 
 ``run_cli`` turns the user's mistakes (:mod:`transferkit.errors`) into one line and exit
-code 2, a clean stop on SIGTERM/SIGINT into exit code 128 + the signal, and leaves every
+code 2, a clean stop on SIGTERM into exit code 143 (128 + the signal), and leaves every
 other exception alone: a bug keeps its traceback and exits 1.
 """
 
@@ -14,6 +14,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
+from hydra.errors import InstantiationException
 from omegaconf.errors import MissingMandatoryValue
 
 from transferkit.errors import ConfigError, RunStopped, TransferkitError
@@ -25,13 +26,15 @@ T = TypeVar("T")
 
 
 def _raised_by_hydra_call(exc: BaseException) -> bool:
-    """A ``TypeError`` raised while Hydra *called* a target (wrong or missing arguments),
-    not inside the target's own code: its traceback ends in Hydra's frame."""
+    """A ``TypeError`` raised while Hydra *called* a target with a config's arguments (an
+    unknown or missing key), not inside the target's own code: the innermost frame of its
+    traceback is Hydra's (``_call_target``, or a deferred ``_partial_`` target)."""
     tb: TracebackType | None = exc.__traceback__
     last = None
     while tb is not None:
         last, tb = tb, tb.tb_next
-    return last is not None and f"{os.sep}hydra{os.sep}" in last.tb_frame.f_code.co_filename
+    module = last.tb_frame.f_globals.get("__name__", "") if last is not None else ""
+    return module.startswith("hydra._internal.")
 
 
 def user_error(exc: BaseException) -> BaseException | None:
@@ -46,6 +49,12 @@ def user_error(exc: BaseException) -> BaseException | None:
             return cause
         if isinstance(cause, MissingMandatoryValue):
             return ConfigError(str(cause))
+        if isinstance(cause, InstantiationException) and str(cause).startswith(
+            "Error locating target"
+        ):  # a _target_ that does not exist (a typo in a class name)
+            where = str(cause).split(", set env var")[0]
+            why = " ".join(str(cause.__cause__).split())
+            return ConfigError(f"{where}: check the spelling of that _target_ ({why}).")
         if isinstance(cause, TypeError) and _raised_by_hydra_call(cause):
             return ConfigError(
                 f"{cause}: a config key its _target_ does not take, or a missing one. Fix "
@@ -60,8 +69,8 @@ def run_cli(task: Callable[[], T]) -> T:
 
     - A user error prints ``error: <message>`` and exits with code 2 (``TRANSFERKIT_DEBUG=1``
       re-raises it with the traceback).
-    - SIGTERM or SIGINT stops the run cleanly (see :mod:`transferkit.preemption`) and exits
-      with ``128 + signal``, so schedulers and scripts can tell it was stopped.
+    - SIGTERM stops the run cleanly (see :mod:`transferkit.preemption`) and exits with
+      ``128 + 15``, so schedulers and scripts can tell it was stopped.
     - Any other exception propagates: a traceback and exit code 1.
     """
     try:

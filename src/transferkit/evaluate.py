@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from transferkit.checkpoint_io import class_index_map, load_classifier
 from transferkit.cli import CONFIG_DIR, run_cli
 from transferkit.data.datamodule import ImageDataset
+from transferkit.data.order import worker_ignores_stop_signals
 from transferkit.data.samples import Samples
 from transferkit.data.transforms import build_transform
 from transferkit.errors import ConfigError, DataError
@@ -90,7 +91,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     samples = Samples(labels=label_map[samples.labels], images=samples.images, paths=samples.paths)
     transform = build_transform(model.preprocessing, train=False)  # the checkpoint's, not data's
     loader = DataLoader(
-        ImageDataset(samples, transform), batch_size=dm.batch_size, **dm.loader_settings()
+        ImageDataset(samples, transform),
+        batch_size=dm.batch_size,
+        worker_init_fn=worker_ignores_stop_signals,
+        **dm.loader_settings(),
     )
     model.to(device_of(cfg.device))
     logits, labels = collect_logits(model, loader, f"evaluate ({cfg.split}: {len(samples)})")

@@ -165,6 +165,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         dm.batch_size,
         max_epochs=user_epochs,
         world_size=trainer.world_size,
+        accumulate=trainer.accumulate_grad_batches,
     )
     model.set_plan(plan)
     dm.set_preprocessing(model.preprocessing)
@@ -255,7 +256,8 @@ def finetune(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
     if cfg.get("ckpt_path"):  # the targets this run's config names are the user's own
         policy = TargetPolicy.from_config(cfg, also=config_targets(_plain(cfg)))
-        check_resume(cfg.ckpt_path, cfg.model.backbone, dm.classes, policy)
+        order = {"batch_per_device": dm.batch_size, "devices": trainer.world_size, "seed": dm.seed}
+        check_resume(cfg.ckpt_path, cfg.model.backbone, dm.classes, policy, order)
     lr_find = None
     if cfg.get("tune") and cfg.tune.get("lr_find"):  # range test, then train at its suggestion
         from transferkit.lr_find import tune_lr
@@ -263,8 +265,8 @@ def finetune(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         lr_find = tune_lr(cfg, objects)
     start = time.perf_counter()
     trainer.fit(model, datamodule=fit_dm, ckpt_path=cfg.get("ckpt_path"))
-    # A SIGTERM in the last batch ends fit normally (the epoch's checkpoints are saved):
-    # stop before testing rather than run on. Lightning forgets it when test() starts.
+    # A SIGTERM that came after Lightning's last look at it (fit was ending): stop before
+    # testing rather than run on, since test() starts with Lightning's flag cleared.
     preemption.check()
     fit_seconds = time.perf_counter() - start
     # Before testing: restoring the best checkpoint also restores the callbacks' state.

@@ -115,16 +115,23 @@ def parse_blocks(value: Any, total: int, key: str = "finetune.trainable_blocks")
 DEFAULT_EPOCHS = 5
 
 
-def steps_per_epoch(train_size: int, batch_size: int, world_size: int = 1) -> int:
+def steps_per_epoch(
+    train_size: int, batch_size: int, world_size: int = 1, accumulate: int = 1
+) -> int:
     """Optimizer steps in one epoch: each of ``world_size`` ranks takes its shard (padded to
-    equal size) in batches of ``batch_size``, a last batch of one image dropped."""
+    equal size) in batches of ``batch_size``, a last batch of one image dropped, and steps
+    every ``accumulate`` batches (and at the epoch's end)."""
     shard = shard_size(train_size, world_size)
-    return max(1, shard // batch_size + (shard % batch_size > 1))
+    batches = max(1, shard // batch_size + (shard % batch_size > 1))
+    return math.ceil(batches / max(1, accumulate))
 
 
-def epochs_for_steps(steps: int, train_size: int, batch_size: int, world_size: int = 1) -> int:
+def epochs_for_steps(
+    steps: int, train_size: int, batch_size: int, world_size: int = 1, accumulate: int = 1
+) -> int:
     """Epochs that give at least ``steps`` optimizer steps."""
-    return max(1, math.ceil(steps / steps_per_epoch(train_size, batch_size, world_size)))
+    per_epoch = steps_per_epoch(train_size, batch_size, world_size, accumulate)
+    return max(1, math.ceil(steps / per_epoch))
 
 
 def match_rule(rules: list[Mapping[str, Any]], counts: Mapping[str, int]) -> Mapping[str, Any]:
@@ -152,6 +159,7 @@ def resolve_plan(
     batch_size: int = 64,
     max_epochs: int | None = None,
     world_size: int = 1,
+    accumulate: int = 1,
 ) -> Plan:
     """Turn the ``finetune`` config into a :class:`Plan`, its epoch budget resolved.
 
@@ -167,6 +175,7 @@ def resolve_plan(
         max_epochs: the trainer's epoch budget when the user set one (it wins over ``steps``).
         world_size: devices training together: a step takes ``batch_size * world_size``
             images, so a step budget needs fewer epochs than on one device.
+        accumulate: batches per optimizer step (``trainer.accumulate_grad_batches``).
 
     Raises:
         ValueError: unknown regime or BatchNorm mode, or an invalid block count.
@@ -189,12 +198,14 @@ def resolve_plan(
     if bn_mode not in BN_MODES:
         raise ConfigError(f"finetune.bn_mode={bn_mode!r} is unknown; choose one of {BN_MODES}.")
     total = total_blocks
-    per_epoch = steps_per_epoch(counts["train_size"], batch_size, world_size)
+    per_epoch = steps_per_epoch(counts["train_size"], batch_size, world_size, accumulate)
     steps = settings.get("steps")
     if max_epochs is not None:
         epochs, source = int(max_epochs), "trainer.max_epochs"
     elif steps:
-        epochs = epochs_for_steps(int(steps), counts["train_size"], batch_size, world_size)
+        epochs = epochs_for_steps(
+            int(steps), counts["train_size"], batch_size, world_size, accumulate
+        )
         source = "finetune.steps" if cfg.get("steps") else "rule table"
     else:
         epochs, source = DEFAULT_EPOCHS, "default"
@@ -204,7 +215,8 @@ def resolve_plan(
         "steps_per_epoch": per_epoch,
         "batch_per_device": batch_size,
         "devices": world_size,
-        "global_batch": batch_size * world_size,
+        "global_batch": batch_size * world_size * accumulate,
+        "accumulate": accumulate,
         "from": source,
     }
     schedule: tuple[tuple[int, int], ...] = ()

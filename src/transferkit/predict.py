@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from transferkit.checkpoint_io import load_classifier
 from transferkit.cli import CONFIG_DIR, run_cli
 from transferkit.data.image_folder import IMAGE_EXTENSIONS, is_image_file
+from transferkit.data.order import worker_ignores_stop_signals
 from transferkit.data.samples import BadImageError, read_rgb
 from transferkit.data.transforms import build_transform
 from transferkit.errors import ConfigError, DataError, NotFoundError
@@ -80,7 +81,8 @@ def predict(cfg: DictConfig) -> Path:
     files = list_inputs(cfg.input)
     size = int(model.preprocessing["image_size"])
     data = FileDataset(files, build_transform(model.preprocessing, train=False), size)
-    loader = DataLoader(data, batch_size=int(cfg.batch_size), num_workers=int(cfg.num_workers))
+    loader = DataLoader(data, batch_size=int(cfg.batch_size), num_workers=int(cfg.num_workers),
+                        worker_init_fn=worker_ignores_stop_signals)  # fmt: skip
     model.to(device_of(cfg.device))
     logits, index = collect_logits(model, loader, f"predict ({len(files)} images)")
     bad = [files[-1 - int(i)] for i in index if i < 0]

@@ -5,14 +5,18 @@ run must then stop within seconds, leave nothing half-written, leave a checkpoin
 resume from exactly, and exit non-zero so the scheduler and scripts can tell it stopped.
 
 - :func:`stop_on_signals` (entered by ``run_cli``) installs the handler for the whole run.
-  Outside Lightning's loops the handler raises :class:`~transferkit.errors.RunStopped` at
-  once: every file we write is written atomically, so nothing is left half-done.
-- Inside ``Trainer.fit``/``test`` Lightning installs its own handler over ours and calls
-  ours from it; we only record the signal there. Lightning then stops at the next batch
-  boundary of the training, validation or test loop; our long loops inside ``fit`` (decoding
+  Outside Lightning's loops it raises :class:`~transferkit.errors.RunStopped` at once: every
+  file we write is written atomically, so nothing is left half-done.
+- Inside ``Trainer.fit``/``test``, :class:`CheckpointOnStop` puts a handler that only
+  records the signal in place of Lightning's (Lightning 2.6's runs a collective inside the
+  signal handler, and each rank stops at the batch where its own signal arrived: under DDP
+  the ranks then wait for each other forever). The stop is decided at the start of each
+  training, validation and test batch, by every rank together (an all-reduce of the
+  flag), so all ranks stop at the same batch. Our long loops inside ``fit`` (decoding
   images, building the feature cache) call :func:`check` and stop within a batch.
-- :class:`CheckpointOnStop` saves ``last.ckpt`` at that batch boundary, mid-epoch included;
-  with ``transferkit.data.order`` the resumed run continues exactly where it stopped.
+- At the start of a training batch :class:`CheckpointOnStop` first saves ``last.ckpt``
+  (mid-epoch included); with ``transferkit.data.order`` the resumed run continues exactly
+  where it stopped.
 """
 
 from __future__ import annotations
@@ -21,12 +25,14 @@ import contextlib
 import logging
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import lightning as L
+import torch
+import torch.distributed as dist
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from transferkit.errors import RunStopped
@@ -51,12 +57,37 @@ def check() -> None:
 
 
 def _handler(signum: int, frame: FrameType | None) -> None:
+    """Outside Lightning's loops: stop at once."""
     global _requested
-    again = _requested is not None
     _requested = signum
-    if signal.getsignal(signum) is not _handler and not again:
-        return  # Lightning's handler called ours: it stops at the next batch boundary
     raise RunStopped(signum, f"{signal.Signals(signum).name} received")
+
+
+def _recording_handler(trainer: L.Trainer) -> Callable[[int, FrameType | None], None]:
+    """Inside Lightning's loops: record the signal, pass it on to the processes the launcher
+    started (DDP ranks started by this one), and stop at once on a second signal."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        global _requested
+        again = _requested is not None
+        _requested = signum
+        if again:
+            raise RunStopped(signum, f"{signal.Signals(signum).name} received twice")
+        kill = getattr(trainer.strategy.launcher, "kill", None)
+        if callable(kill):
+            kill(signum)
+
+    return handler
+
+
+def stop_agreed(trainer: L.Trainer) -> bool:
+    """Whether any rank was asked to stop (every rank calls this at the same point)."""
+    local = 1 if _requested is not None else 0
+    if trainer.world_size < 2 or not (dist.is_available() and dist.is_initialized()):
+        return bool(local)
+    flag = torch.tensor([local], device=trainer.strategy.root_device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 @contextlib.contextmanager
@@ -87,18 +118,22 @@ def stop_on_signals() -> Iterator[None]:
 
 
 class CheckpointOnStop(L.Callback):
-    """Save a resumable checkpoint the moment Lightning stops training on SIGTERM.
+    """Stop at a batch boundary on SIGTERM, every rank at the same one, and save a checkpoint
+    the run resumes from exactly.
 
-    Lightning raises ``SIGTERMException`` after a training step, where the model, optimizer,
-    loops and callbacks are consistent: the state goes to ``dirpath/filename.ckpt``
-    (``last.ckpt``, the one ``ckpt_path`` resumes from), written atomically by the trainer's
-    checkpoint IO, and the resumed run continues with the next batch.
+    At the start of each training batch, the state is the one after the previous optimizer
+    step: model, optimizer, loops and callbacks are consistent, and no random draw of the
+    next step has happened. The state goes to ``dirpath/filename.ckpt`` (``last.ckpt``, the
+    one ``ckpt_path`` resumes from), written atomically by the trainer's checkpoint IO, and
+    the resumed run continues with that batch. The checkpoint records the batches done and
+    what the data order depends on (batch size, devices, seed), so a resume with other
+    settings is refused instead of training on other images.
 
-    A stop during the epoch's last batch or its validation saves nothing new: Lightning
-    2.6 resumes such a state without the epoch's validation and end-of-epoch callbacks
-    (early stopping, the best checkpoint), so it would not continue exactly. ``last.ckpt``
-    from the end of the previous epoch stays the resume point, and at most that epoch is
-    trained again. Nothing is saved before the first step or while testing.
+    A stop during validation or testing saves nothing new (Lightning 2.6 would resume a
+    state saved mid-validation without that validation, and the end-of-epoch callbacks that
+    use it): the last ``last.ckpt`` (the end of the previous epoch) stays the resume point.
+    Nor does a stop between the micro-batches of an accumulated step (their gradients are
+    not saved), or before the first step.
 
     Args:
         dirpath: folder of the checkpoint.
@@ -107,24 +142,60 @@ class CheckpointOnStop(L.Callback):
 
     def __init__(self, dirpath: str | Path, filename: str = "last") -> None:
         self.path = Path(dirpath) / f"{filename}.ckpt"
+        self.mid_epoch: dict[str, int] | None = None
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exc: Any) -> None:
-        if not isinstance(exc, SIGTERMException) or trainer.state.fn != "fit":
+    def state_dict(self) -> dict[str, Any]:
+        return {"mid_epoch": self.mid_epoch} if self.mid_epoch else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.mid_epoch = None  # a resumed run is no longer in the middle of that epoch
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Put the recording handler in place of Lightning's SIGTERM handler whenever
+        Lightning installs its handlers (at the start of fit and test); Lightning's
+        teardown puts ours back afterwards."""
+        connector = trainer._signal_connector
+        if getattr(connector, "_transferkit", False):
             return
-        if trainer.sanity_checking or trainer.global_step == 0:
-            return
-        epoch_loop = trainer.fit_loop.epoch_loop
-        if trainer.validating or epoch_loop.batch_progress.is_last_batch:
-            where = "its validation" if trainer.validating else "its last batch"
-            kept = f"{self.path} (end of the previous epoch)" if self.path.exists() else "none"
-            log.warning(
-                "stopped during %s of epoch %d: not a point Lightning resumes exactly, so no "
-                "checkpoint is saved; resume point: %s",
-                where,
-                trainer.current_epoch,
-                kept,
-            )
-            return
+        register = connector.register_signal_handlers
+
+        def register_then_take_sigterm() -> None:
+            register()  # Lightning's: SLURM auto-requeue on SIGUSR1 stays Lightning's
+            if threading.current_thread() is threading.main_thread():
+                for s in STOP_SIGNALS:
+                    signal.signal(s, _recording_handler(trainer))
+
+        connector.register_signal_handlers = register_then_take_sigterm  # type: ignore[method-assign]
+        connector._transferkit = True  # type: ignore[attr-defined]
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if stop_agreed(trainer):
+            self._save(trainer)
+            raise SIGTERMException
+
+    def on_validation_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if stop_agreed(trainer):
+            where = "the sanity check" if trainer.sanity_checking else "validation"
+            self._not_saved(trainer, where)
+            raise SIGTERMException
+
+    def on_test_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if stop_agreed(trainer):
+            raise SIGTERMException
+
+    def _save(self, trainer: L.Trainer) -> None:
+        done = int(trainer.fit_loop.epoch_loop.batch_progress.current.completed)
+        if trainer.global_step == 0:
+            return self._not_saved(trainer, "the first optimizer step")
+        if done % max(1, trainer.accumulate_grad_batches):
+            return self._not_saved(trainer, "an accumulated step (accumulate_grad_batches)")
+        loader = trainer.train_dataloader
+        self.mid_epoch = {
+            "batches_done": done,
+            "batch_per_device": int(getattr(loader, "batch_size", 0) or 0),
+            "devices": int(trainer.world_size),
+            "seed": int(getattr(getattr(loader, "sampler", None), "seed", -1)),
+        }
         trainer.save_checkpoint(self.path)
         log.warning(
             "stopped at epoch %d, step %d: saved %s; resume with ckpt_path=%s",
@@ -133,3 +204,24 @@ class CheckpointOnStop(L.Callback):
             self.path,
             self.path,
         )
+        return None
+
+    def _not_saved(self, trainer: L.Trainer, where: str) -> None:
+        log.warning(
+            "stopped before or during %s of epoch %d: not a point Lightning resumes exactly, "
+            "so no checkpoint is saved; the resume point is %s",
+            where,
+            trainer.current_epoch,
+            describe(self.path),
+        )
+
+
+def describe(path: Path) -> str:
+    """``path (epoch E, step S)``, or that there is none yet."""
+    if not path.exists():
+        return "none yet: nothing to resume"
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return f"{path} (epoch {ckpt.get('epoch')}, step {ckpt.get('global_step')})"
+    except Exception:
+        return str(path)

@@ -226,8 +226,11 @@ def budget_text(b: dict[str, Any]) -> str:
     """``plan.budget`` as one line: epochs, steps, batch and where the figure came from."""
     if not b:
         return "–"
+    per_step = f"{b['batch_per_device']} per device × {b['devices']}"
+    if b.get("accumulate", 1) > 1:
+        per_step += f" × {b['accumulate']} accumulated"
     return (f"{b['epochs']} epochs = {b['steps']} steps of {b['global_batch']} images "
-            f"({b['batch_per_device']} per device × {b['devices']}), from {b['from']}")  # fmt: skip
+            f"({per_step}), from {b['from']}")  # fmt: skip
 
 
 def render_report(

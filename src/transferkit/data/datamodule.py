@@ -22,12 +22,14 @@ from transferkit.data.animal_mnist import load_animal_mnist
 from transferkit.data.image_folder import scan_image_folder
 from transferkit.data.order import (
     EpochSampler,
+    check_shard,
     drop_last,
     next_epoch,
     own_generator,
     resume_skip,
     sample_seed,
     seeded,
+    shard_size,
     untag,
     worker_ignores_stop_signals,
 )
@@ -308,19 +310,22 @@ def training_loader(
     world = int(getattr(trainer, "world_size", 1) or 1)
     rank = int(getattr(trainer, "global_rank", 0) or 0)
     size = len(dataset)  # type: ignore[arg-type]
+    check_shard(size, world)
+    shard, drop = shard_size(size, world), drop_last(size, batch_size, world)
+    batches = shard // batch_size + (shard % batch_size > 0) - drop
     sampler = EpochSampler(
         dataset,  # type: ignore[arg-type]
         num_replicas=world,
         rank=rank,
         seed=seed,
         epoch=next_epoch(trainer),
-        skip=resume_skip(trainer, batch_size),
+        skip=resume_skip(trainer, batch_size, batches),
     )
     return DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
-        drop_last=drop_last(size, batch_size, world),
+        drop_last=drop,
         generator=own_generator(seed),
         persistent_workers=settings.get("num_workers", 0) > 0,
         worker_init_fn=worker_ignores_stop_signals,

@@ -50,10 +50,9 @@ def _scan(
             continue
         for f in sorted(class_dir.rglob("*")):
             preemption.check()  # a scan of a large folder stops promptly on SIGTERM
-            if not f.is_file() or f.name.startswith("."):
-                continue
-            if f.suffix.lower() not in IMAGE_EXTENSIONS:
-                skipped["other"].append(f)
+            if not is_image_file(f):
+                if f.is_file() and not f.name.startswith("."):
+                    skipped["other"].append(f)
                 continue
             try:
                 read_rgb(f)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DistributedSampler, get_worker_info
 
+from transferkit.errors import DataError
 from transferkit.preemption import STOP_SIGNALS
 
 
@@ -125,6 +126,20 @@ def shard_size(size: int, world_size: int) -> int:
     return math.ceil(size / max(1, world_size))
 
 
+def check_shard(size: int, world_size: int) -> None:
+    """Refuse a training split that leaves a rank fewer than two images per epoch.
+
+    Raises:
+        DataError: with the fix (fewer devices, or more images).
+    """
+    if shard_size(size, world_size) < 2:
+        raise DataError(
+            f"{size} training image(s) on {world_size} devices leave each device fewer than "
+            "2 per epoch, too few to train on (BatchNorm needs 2). Use fewer devices "
+            "(trainer.devices) or more images."
+        )
+
+
 def drop_last(size: int, batch_size: int, world_size: int) -> bool:
     """Drop a rank's last batch only when it would hold one image (BatchNorm cannot train
     on it); decided on the rank's shard, not the whole split."""
@@ -139,10 +154,11 @@ def next_epoch(trainer: Any) -> int:
     return int(loop.epoch_progress.current.processed) if loop is not None else 0
 
 
-def resume_skip(trainer: Any, batch_size: int) -> int:
-    """Indices of this rank's shard that a run resumed mid-epoch has already trained on."""
+def resume_skip(trainer: Any, batch_size: int, batches: int) -> int:
+    """Indices of this rank's shard that a run resumed mid-epoch has already trained on
+    (0 when it resumes at an epoch's end: the next epoch starts afresh)."""
     loop = getattr(trainer, "fit_loop", None)
     if loop is None or not loop.restarting:
         return 0
-    done = loop.epoch_loop.batch_progress.current.completed
-    return int(done) * batch_size
+    done = int(loop.epoch_loop.batch_progress.current.completed)
+    return done * batch_size if done < batches else 0
