@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all lint format finetune evaluate predict export sweep-depth clean lr-find gpu-check bench experiments
+.PHONY: help install test test-all lint format finetune evaluate predict export sweep-depth clean lr-find gpu-check bench experiments wheel
 
 SWEEP_DIR ?= multirun/sweep-depth
 SWEEP_SMALL ?= 10,100
@@ -25,6 +25,9 @@ install: ## Create .venv and install transferkit, its dev tools and the offline 
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -e '.[dev,offline,export]'
 	$(PY) -m pip install --no-deps animal-mnist==0.4
+
+wheel: ## Build the wheel (configs inside) into dist/
+	$(PY) -m pip wheel --no-deps -w dist .
 
 test: ## Run the fast test suite (no network, a few minutes on 2 cores)
 	$(PY) -m pytest -m "not slow and not gpu" -q
@@ -76,5 +79,5 @@ bench: ## Toolkit vs bare-loop throughput, feature-cache speed-up, data vs model
 gpu-check: ## On a CUDA machine: images/s on 1 GPU (fp32; bf16-mixed + channels_last), then ddp
 	$(PY) -m transferkit.gpu_check $(ARGS)
 
-clean: ## Remove run outputs (outputs/, multirun/)
-	rm -rf outputs multirun lightning_logs
+clean: ## Remove run outputs (outputs/, multirun/) and built wheels (dist/)
+	rm -rf outputs multirun lightning_logs dist

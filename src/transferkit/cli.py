@@ -17,10 +17,28 @@ from typing import TypeVar
 from hydra.errors import InstantiationException
 from omegaconf.errors import MissingMandatoryValue
 
-from transferkit.errors import ConfigError, RunStopped, TransferkitError
+from transferkit.errors import ConfigError, NotFoundError, RunStopped, TransferkitError
 from transferkit.preemption import stop_on_signals
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+def config_dir() -> str:
+    """The shipped configs: ``transferkit/conf`` inside an installed wheel, else the
+    repository's top-level ``conf/`` (a clone, or an editable install of one).
+
+    Raises:
+        NotFoundError: neither exists (a broken installation).
+    """
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parents[1] / "conf"):
+        if (candidate / "finetune.yaml").is_file():
+            return str(candidate)
+    raise NotFoundError(
+        f"transferkit's configs are missing: neither {here / 'conf'} nor "
+        f"{here.parents[1] / 'conf'} holds finetune.yaml. Reinstall transferkit."
+    )
+
+
+CONFIG_DIR = config_dir()
 
 T = TypeVar("T")
 
