@@ -17,6 +17,7 @@ from typing import TypeVar
 from hydra.errors import InstantiationException
 from omegaconf.errors import MissingMandatoryValue
 
+from transferkit.console import quiet_third_party
 from transferkit.errors import ConfigError, NotFoundError, RunStopped, TransferkitError
 from transferkit.preemption import stop_on_signals
 
@@ -91,6 +92,7 @@ def run_cli(task: Callable[[], T]) -> T:
       ``128 + 15``, so schedulers and scripts can tell it was stopped.
     - Any other exception propagates: a traceback and exit code 1.
     """
+    quiet_third_party()
     try:
         with stop_on_signals():
             return task()

@@ -11,6 +11,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 from timm.data import resolve_data_config
 from torch import nn
@@ -301,6 +302,12 @@ class ImageClassifier(L.LightningModule):
     def on_fit_start(self) -> None:
         # What DDP saw as trainable when it wrapped the model: only these are all-reduced.
         self._wrap_trainable = {id(p) for p in self.parameters() if p.requires_grad}
+        if self._eval_bns:  # Lightning warns about them; they are in eval mode on purpose
+            rank_zero_info(
+                f"{len(self._eval_bns)} BatchNorm layer(s) of frozen blocks stay in inference "
+                f"mode on purpose (finetune.bn_mode={self.plan.bn_mode}): their statistics "
+                "do not change"
+            )
 
     def on_after_backward(self) -> None:
         """All-reduce gradients of parameters unfrozen after DDP wrapped the model.
