@@ -54,6 +54,9 @@ def test_evaluate_reproduces_the_test_metrics_of_the_run(trained, tmp_path):
     assert json.loads((out / "evaluation.json").read_text())["class_names"] == ["ant", "bee", "cat"]
     assert (out / "confusion_matrix.png").stat().st_size > 1000
     assert "| ant | 3 |" in (out / "evaluation.md").read_text()
+    assert "![top losses](top_losses.png)" in (out / "evaluation.md").read_text()
+    assert (out / "top_losses.png").stat().st_size > 5000
+    assert len((out / "top_losses.csv").read_text().splitlines()) == 1 + 9
 
 
 def test_evaluate_any_folder_with_a_subset_of_the_classes(trained, tmp_path):

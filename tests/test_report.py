@@ -1,6 +1,7 @@
 """The run report: metrics.csv parsing, marks, confusion matrix, plots and report.md."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,8 +107,33 @@ def test_finetune_writes_the_report(image_folder, tmp_path, make_cfg):
     assert "| bee | 3 |" in text  # per-class test accuracy row
     assert "| torch |" in text and "| timm |" in text and "| lightning |" in text
     assert "backbone: test_efficientnet" in text  # the resolved config
-    for png in ("learning_curves.png", "confusion_matrix.png"):
+    for png in ("learning_curves.png", "confusion_matrix.png", "top_losses.png"):
         assert (out / png).stat().st_size > 5000
+    assert "## Test split: the worst mistakes" in text and "![top losses](top_losses.png)" in text
+
+
+def test_top_losses_are_the_highest_losses_with_their_files(image_folder, tmp_path, make_cfg):
+    import csv
+
+    import torch.nn.functional as F
+
+    from transferkit.report import collect_logits
+
+    out = tmp_path / "run"
+    _, objects = finetune(make_cfg(*tiny_overrides(image_folder, out, "trainer.max_epochs=1")))
+    dm, model = objects["datamodule"], objects["model"]
+    logits, labels = collect_logits(model, dm.test_dataloader())
+    losses = F.cross_entropy(logits, labels, reduction="none")
+    rows = list(csv.DictReader((out / "top_losses.csv").open()))
+    assert len(rows) == 9  # all 9 test images (fewer than 16)
+    assert [float(r["loss"]) for r in rows] == sorted((float(r["loss"]) for r in rows),
+                                                      reverse=True)  # fmt: skip
+    test = dm.splits["test"]
+    for r in rows:
+        i = int(r["index"])
+        assert r["path"] == str(test.paths[i]) and Path(r["path"]).is_file()
+        assert r["true"] == dm.classes[int(labels[i])] == Path(r["path"]).parent.name
+        assert float(r["loss"]) == pytest.approx(float(losses[i]), abs=1e-3)
 
 
 def test_report_without_csv_logger_says_so(image_folder, tmp_path, make_cfg):

@@ -26,6 +26,7 @@ from transferkit.data.order import worker_ignores_stop_signals
 from transferkit.data.samples import Samples
 from transferkit.data.transforms import build_transform
 from transferkit.errors import ConfigError, DataError
+from transferkit.gallery import write_top_losses
 from transferkit.io import atomic_write_bytes, write_json
 from transferkit.report import (
     classification_metrics,
@@ -106,6 +107,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     lines = [f"# Evaluation of {cfg.ckpt}", "", f"{len(samples)} images ({cfg.split} split).", ""]
     lines += [f"- {k}: {v:.4f}" for k, v in metrics.items()] + [""]
     lines += confusion_section(cm, names, "confusion_matrix.png")
+    lines += ["", "## The worst mistakes", ""]
+    lines += write_top_losses(samples, logits, labels, names, out, cfg.split)
     atomic_write_bytes(out / "evaluation.md", ("\n".join(lines) + "\n").encode())
     result = {"checkpoint": str(cfg.ckpt), "images": len(samples), **metrics,
               "confusion_matrix": cm.tolist(), "class_names": names}  # fmt: skip
@@ -115,7 +118,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     print(f"  {'images':<{width}}  {len(samples):,}")
     for k, v in metrics.items():
         print(f"  {k:<{width}}  {v:.4f}")
-    print(f"  written to {out}/evaluation.md (+ .json, confusion_matrix.png)")
+    print(f"  written to {out}/evaluation.md (+ .json, confusion_matrix.png, top_losses.png/.csv)")
     return result
 
 

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from transferkit.callbacks.fit_diagnosis import diagnose_fit
+from transferkit.gallery import write_top_losses
 from transferkit.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -240,6 +241,7 @@ def render_report(
     curves: Mapping[str, Any] | None,
     confusion: list[str] | None,
     config_yaml: str,
+    gallery: list[str] | None = None,
 ) -> str:
     """``report.md`` text. ``curves``: ``png``, ``marks`` and a ``note``; None: no CSV."""
     plan = summary.get("plan", {})
@@ -264,6 +266,8 @@ def render_report(
         out += [f"![learning curves]({curves['png']})", "", curves["note"]]
     out += ["", "## Test split: confusion matrix and per-class accuracy", ""]
     out += confusion or ["No test split (or `test=false`): no confusion matrix."]
+    if gallery:
+        out += ["", "## Test split: the worst mistakes", "", *gallery]
     out += ["", "## Configuration", "", "```yaml", config_yaml.rstrip(), "```", ""]
     out += ["## Versions", ""]
     out += _table(("package", "version"), list(versions().items()))
@@ -311,7 +315,8 @@ def _fmt(v: Any) -> str:
 def write_run_report(
     cfg: DictConfig, summary: Mapping[str, Any], objects: Mapping[str, Any]
 ) -> Path:
-    """Write ``report.md``, ``learning_curves.png`` and ``confusion_matrix.png`` of a run."""
+    """Write ``report.md``, ``learning_curves.png``, ``confusion_matrix.png`` and the
+    top-losses gallery (``top_losses.png``, ``top_losses.csv``) of a run."""
     dm, model, trainer = objects["datamodule"], objects["model"], objects["trainer"]
     out_dir = Path(cfg.paths.output_dir)
     names = list(dm.classes)
@@ -331,18 +336,19 @@ def write_run_report(
             marks, note = curve_marks(table, cfg.monitor, cfg.mode, stopped)
             plot_learning_curves(table, out_dir / "learning_curves.png", marks)
             curves = {"png": "learning_curves.png", "note": note}
-    confusion = None
+    confusion = gallery = None
     if summary.get("test_acc") is not None:  # the model now holds the tested (best) weights
         model.to(trainer.strategy.root_device)
         logits, labels = collect_logits(model, dm.test_dataloader(), "report: test split")
         cm = confusion_matrix(logits.argmax(-1).numpy(), labels.numpy(), len(names))
         plot_confusion_matrix(cm, names, out_dir / "confusion_matrix.png")
         confusion = confusion_section(cm, names, "confusion_matrix.png")
+        gallery = write_top_losses(dm.splits["test"], logits, labels, names, out_dir, "test")
     try:
         config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     except Exception:  # e.g. ${hydra:...} outside a Hydra app
         config_yaml = OmegaConf.to_yaml(cfg)
-    text = render_report(summary, split_counts, names, curves, confusion, config_yaml)
+    text = render_report(summary, split_counts, names, curves, confusion, config_yaml, gallery)
     path = out_dir / "report.md"
     atomic_write_bytes(path, text.encode())
     print(f"  report: {path}")
