@@ -143,7 +143,7 @@ ROWS = [
         [(root / "val" / c).mkdir(parents=True) for c in CLASSES]), "error",
         ("val holds no readable images", "data.val_fraction")),
     Row("val folder missing a class", _splits(CLASSES, ["ant", "bee"], CLASSES), "trains",
-        ("val/ has no folder for class(es) ['cat']",)),
+        ("val/ has no class ['cat']",)),
     Row("split folders", _splits(CLASSES, CLASSES, CLASSES), "trains"),
     Row("test folder missing", lambda root: (write_images(root / "train", CLASSES, 6),
         write_images(root / "val", CLASSES, 2)), "trains"),
