@@ -5,5 +5,6 @@ from transferkit.data.datamodule import (
     ImageDataModule,
     ImageFolderDataModule,
 )
+from transferkit.data.manifest import CSVDataModule
 
-__all__ = ["AnimalMNISTDataModule", "ImageDataModule", "ImageFolderDataModule"]
+__all__ = ["AnimalMNISTDataModule", "CSVDataModule", "ImageDataModule", "ImageFolderDataModule"]
