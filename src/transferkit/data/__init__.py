@@ -5,6 +5,13 @@ from transferkit.data.datamodule import (
     ImageDataModule,
     ImageFolderDataModule,
 )
+from transferkit.data.hf import HFDataModule
 from transferkit.data.manifest import CSVDataModule
 
-__all__ = ["AnimalMNISTDataModule", "CSVDataModule", "ImageDataModule", "ImageFolderDataModule"]
+__all__ = [
+    "AnimalMNISTDataModule",
+    "CSVDataModule",
+    "HFDataModule",
+    "ImageDataModule",
+    "ImageFolderDataModule",
+]

@@ -7,6 +7,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -40,7 +41,7 @@ def check_on_bad_image(value: str) -> None:
         raise ConfigError(f"data.on_bad_image must be 'skip' or 'fail', got {value!r}.")
 
 
-class Skipped(defaultdict[str, list[Path]]):
+class Skipped(defaultdict[str, list[Path | str]]):
     """Files left out, by kind (``SKIPPED``)."""
 
     def __init__(self) -> None:
@@ -56,31 +57,48 @@ class Skipped(defaultdict[str, list[Path]]):
             )
 
 
-def read_files(entries: Iterable[tuple[Path, int]], on_bad_image: str, skipped: Skipped) -> Samples:
-    """The entries whose file decodes to an image; the others are counted in ``skipped``
-    (``on_bad_image=skip``) or stop with the file's name (``fail``). A missing file counts
-    as a bad one."""
-    paths: list[Path] = []
-    labels: list[int] = []
-    bad: list[Path] = []
-    for f, label in entries:
-        preemption.check()  # a scan of many files stops promptly on SIGTERM
+def readable(
+    keys: Sequence[Any],
+    check: Callable[[Any], None],
+    on_bad_image: str,
+    skipped: Skipped,
+) -> list[int]:
+    """Indices of the ``keys`` (files, records) that ``check`` decodes; the others are
+    counted in ``skipped`` (``on_bad_image=skip``) or stop with their name (``fail``)."""
+    kept = []
+    for i, key in enumerate(keys):
+        preemption.check()  # a scan of many images stops promptly on SIGTERM
         try:
-            if not f.is_file():
-                raise BadImageError(f, "missing", "no such file")
-            read_rgb(f)
+            check(key)
         except BadImageError as e:
             if on_bad_image == "fail":
                 raise DataError(
-                    f"{e}. Remove or fix the file, or set data.on_bad_image=skip to skip "
-                    "unreadable files."
+                    f"{e}. Remove or fix it, or set data.on_bad_image=skip to skip unreadable "
+                    "images."
                 ) from e
-            skipped[e.kind].append(f)
-            bad.append(f)
+            skipped[e.kind].append(e.path)
             continue
-        paths.append(f)
-        labels.append(label)
-    return Samples(labels=np.asarray(labels, dtype=np.int64), paths=paths, bad=bad)
+        kept.append(i)
+    return kept
+
+
+def _check_file(f: Path) -> None:
+    if not f.is_file():
+        raise BadImageError(f, "missing", "no such file")
+    read_rgb(f)
+
+
+def read_files(entries: Iterable[tuple[Path, int]], on_bad_image: str, skipped: Skipped) -> Samples:
+    """The entries whose file decodes to an image (a missing file counts as a bad one)."""
+    entries = list(entries)
+    files = [f for f, _ in entries]
+    kept = readable(files, _check_file, on_bad_image, skipped)
+    keep = set(kept)
+    return Samples(
+        labels=np.asarray([entries[i][1] for i in kept], dtype=np.int64),
+        paths=[files[i] for i in kept],
+        bad=[f for i, f in enumerate(files) if i not in keep],
+    )
 
 
 def check_splits(

@@ -6,6 +6,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Protocol
 
 import numpy as np
 from PIL import Image
@@ -13,18 +14,32 @@ from PIL import Image
 from transferkit.errors import ConfigError, DataError
 
 
+class Records(Protocol):
+    """Encoded images held elsewhere (a Hugging Face data set's column), decoded on access."""
+
+    def __len__(self) -> int: ...
+
+    def take(self, index: np.ndarray) -> Records: ...
+
+    def open(self, i: int) -> tuple[IO[bytes] | Path, str]:
+        """The i-th image as a file to decode, and its name for messages."""
+        ...
+
+
 @dataclass
 class Samples:
     """Images of one split with integer labels.
 
-    Either ``images`` (an in-memory ``uint8`` array, ``(N, H, W)`` or ``(N, H, W, C)``)
-    or ``paths`` (image files decoded on access) holds the pixels.
+    One of ``images`` (an in-memory ``uint8`` array, ``(N, H, W)`` or ``(N, H, W, C)``),
+    ``paths`` (image files decoded on access) or ``records`` (encoded images of a data set)
+    holds the pixels.
     """
 
     labels: np.ndarray
     images: np.ndarray | None = None
     paths: list[Path] | None = None
     bad: list[Path] = field(default_factory=list)
+    records: Records | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -35,26 +50,31 @@ class Samples:
             labels=self.labels[index],
             images=None if self.images is None else self.images[index],
             paths=None if self.paths is None else [self.paths[i] for i in index],
+            records=None if self.records is None else self.records.take(index),
         )
 
     def load(self, i: int) -> Image.Image:
         """The i-th image as RGB (greyscale, palette, RGBA, 16-bit and CMYK are converted)."""
         if self.images is not None:
             return Image.fromarray(self.images[i]).convert("RGB")
+        if self.records is not None:
+            return read_rgb(*self.records.open(i))
         assert self.paths is not None
         return read_rgb(self.paths[i])
 
 
 class BadImageError(DataError):
-    """A file that does not decode to an image; ``kind`` is ``unreadable`` or ``bomb``."""
+    """A file that does not decode to an image; ``kind`` is ``unreadable``, ``bomb`` or
+    ``missing``."""
 
-    def __init__(self, path: Path, kind: str, detail: str) -> None:
+    def __init__(self, path: Path | str, kind: str, detail: str) -> None:
         super().__init__(f"cannot read image {path} ({kind}: {detail})")
         self.path, self.kind = path, kind
 
 
-def read_rgb(path: Path) -> Image.Image:
-    """Decode ``path`` fully and convert it to RGB.
+def read_rgb(path: Path | IO[bytes], name: str | None = None) -> Image.Image:
+    """Decode ``path`` (a file name or an open binary file, called ``name`` in messages)
+    fully and convert it to RGB.
 
     A decompression bomb (more pixels than Pillow's ``Image.MAX_IMAGE_PIXELS``, where
     Pillow only warns below twice that) is refused before it is decoded.
@@ -62,6 +82,7 @@ def read_rgb(path: Path) -> Image.Image:
     Raises:
         BadImageError: the file is unreadable, truncated, not an image, or a bomb.
     """
+    label = name or str(path)
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -69,9 +90,9 @@ def read_rgb(path: Path) -> Image.Image:
                 im.load()
                 return to_rgb(im)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise BadImageError(path, "bomb", str(e)) from e
+            raise BadImageError(label, "bomb", str(e)) from e
         except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
-            raise BadImageError(path, "unreadable", f"{type(e).__name__}: {e}") from e
+            raise BadImageError(label, "unreadable", f"{type(e).__name__}: {e}") from e
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
