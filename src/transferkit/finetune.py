@@ -126,7 +126,7 @@ def _instantiate_trainer(trainer_cfg: dict[str, Any], callbacks: list, loggers: 
 
 def build(cfg: DictConfig) -> dict[str, Any]:
     """Data, model (with its plan), callbacks, loggers and trainer from a composed config."""
-    check_multirun(cfg.trainer, _hydra_mode() == "MULTIRUN")
+    check_multirun(cfg.trainer, _hydra_mode() == "MULTIRUN", _hydra_launcher())
     dm = instantiate(cfg.data)
     dm.setup("fit")
     counts = dm.counts()
@@ -222,6 +222,12 @@ def _plain(cfg: DictConfig) -> Any:
     return OmegaConf.to_container(cfg, resolve=False)
 
 
+def _hydra_launcher() -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    return str(HydraConfig.get().launcher.get("_target_", "")) if HydraConfig.initialized() else ""
+
+
 def _hydra_mode() -> str | None:
     from hydra.core.hydra_config import HydraConfig
 
@@ -296,6 +302,12 @@ def finetune(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         "epochs": trainer.current_epoch,
         "global_steps": trainer.global_step,
         "best_val_acc": None if best_score is None else float(best_score),
+        # what sweeps optimise: the best validation value of `monitor`, never a test metric
+        "objective": {
+            "name": cfg.monitor,
+            "mode": cfg.mode,
+            "value": None if best_score is None else float(best_score),
+        },
         "test_acc": test_metrics.get("test/acc"),
         "test_loss": test_metrics.get("test/loss"),
         "test_acc_top5": test_metrics.get("test/acc_top5"),
@@ -349,8 +361,10 @@ def _fmt(v: Any) -> str:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="finetune")
 def main(cfg: DictConfig) -> float | None:
+    """Hydra's entry point. Returns the objective sweepers optimise (Optuna and others): the
+    best validation value of ``monitor``, never the test accuracy."""
     summary, _ = run_cli(lambda: finetune(cfg))
-    return summary.get("test_acc")
+    return summary["objective"]["value"]
 
 
 if __name__ == "__main__":
