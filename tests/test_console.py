@@ -30,6 +30,7 @@ def test_a_run_prints_no_third_party_noise_and_says_why_bn_is_in_eval_mode(tmp_p
     assert "LeafSpec" not in out
     assert "module(s) in eval mode" not in out
     assert "BatchNorm layer(s) of frozen blocks stay in inference mode on purpose" in out
+    assert "will override existing callbacks" not in out
     assert "transferkit summary" in out
 
 
