@@ -81,6 +81,7 @@ def test_animal_mnist_reads_the_package_files():
         "train_size": 100,
         "min_per_class": 10,
         "median_per_class": 10,
+        "max_per_class": 10,
         "num_classes": 10,
     }
     assert len(dm.splits["val"]) == 1000 and len(dm.splits["test"]) == 1000

@@ -286,7 +286,8 @@ class CachedFeatureDataModule(L.LightningDataModule):
         ds = self.datasets[name]
         batch = self.source.batch_size
         if train:
-            return training_loader(ds, batch, getattr(self, "trainer", None), self.source.seed)
+            trainer, weights = getattr(self, "trainer", None), self.source.train_sample_weights()
+            return training_loader(ds, batch, trainer, self.source.seed, weights)
         return DataLoader(ds, batch_size=batch, generator=own_generator())
 
     def train_dataloader(self) -> DataLoader:

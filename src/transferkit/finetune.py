@@ -33,6 +33,7 @@ from transferkit.callbacks.history import History
 from transferkit.callbacks.speed import TrainSpeed
 from transferkit.checkpoint_io import check_resume
 from transferkit.cli import CONFIG_DIR, run_cli
+from transferkit.data.balance import AUTO_RATIO, imbalance_ratio
 from transferkit.distributed import check_multirun, scaled_optimizer
 from transferkit.errors import ConfigError, MissingPackageError
 from transferkit.io import write_json
@@ -77,6 +78,22 @@ def check_trainer_settings(trainer_cfg: dict[str, Any]) -> None:
             "timm fuses into its BatchNorm layers (BatchNormAct2d). Use "
             "model.backbone_norm=syncbn instead, which converts them keeping it."
         )
+
+
+def _balance(cfg: DictConfig, dm: Any, model: Any) -> None:
+    """Imbalanced classes: the loss weights (``data.balance=weighted_loss``; the sampler is
+    the DataModule's) and ``monitor: auto`` (macro-F1 when the classes are imbalanced)."""
+    ratio = imbalance_ratio(dm.per_class())
+    if dm.balance_mode == "weighted_loss":
+        model.set_class_weights(dm.class_weights())
+    if cfg.monitor == "auto":
+        cfg.monitor = "val/f1_macro" if ratio > AUTO_RATIO else "val/acc"
+    if ratio > AUTO_RATIO:
+        log.info(
+            "imbalanced classes: the largest has %.0fx the images of the smallest; balance: "
+            "%s (data.balance=%s), monitor: %s",
+            ratio, dm.balance_mode, dm.balance, cfg.monitor,
+        )  # fmt: skip
 
 
 def _without_validation(cfg: DictConfig, trainer_cfg: dict[str, Any], callbacks: list) -> list:
@@ -140,6 +157,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         scheduler=instantiate(cfg.scheduler),
         _recursive_=False,
     )
+    _balance(cfg, dm, model)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [_instantiate_logger(k, c) for k, c in (cfg.get("logger") or {}).items()]
     if not loggers:  # the LR monitor needs a logger; with logger=none there is nothing to log to
@@ -301,7 +319,10 @@ def finetune(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         "total_params": sum(p.numel() for p in model.parameters()),
         "epochs": trainer.current_epoch,
         "global_steps": trainer.global_step,
-        "best_val_acc": None if best_score is None else float(best_score),
+        # the best checkpoint's score, when it is chosen by val/acc (else see objective)
+        "best_val_acc": None
+        if best_score is None or cfg.monitor != "val/acc"
+        else float(best_score),
         # what sweeps optimise: the best validation value of `monitor`, never a test metric
         "objective": {
             "name": cfg.monitor,
@@ -311,6 +332,9 @@ def finetune(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         "test_acc": test_metrics.get("test/acc"),
         "test_loss": test_metrics.get("test/loss"),
         "test_acc_top5": test_metrics.get("test/acc_top5"),
+        "test_f1_macro": test_metrics.get("test/f1_macro"),
+        "test_balanced_acc": test_metrics.get("test/balanced_acc"),
+        "balance": dm.balance_mode,
         "fit_seconds": round(fit_seconds, 2),
         "train_images_per_second": round(speed.images_per_second, 1) if speed else None,
         "best_checkpoint": best_path,
@@ -341,10 +365,14 @@ def _write_summary(out_dir: Path, summary: dict[str, Any]) -> None:
         (k, summary[k])
         for k in (
             "backbone", "train_size", "val_size", "test_size", "trainable_blocks",
-            "total_blocks", "trainable_params", "epochs", "best_val_acc", "test_acc",
+            "total_blocks", "trainable_params", "epochs", "test_acc",
             "fit_seconds", "train_images_per_second",
         )
     ]  # fmt: skip
+    objective = summary["objective"]
+    rows.insert(8, (f"best {objective['name']}", objective["value"]))
+    if objective["name"] != "val/acc":
+        rows.insert(10, ("test_f1_macro", summary.get("test_f1_macro")))
     rows.insert(0, ("plan", summary["plan"]["reason"]))
     width = max(len(k) for k, _ in rows)
     lines = [f"  {k:<{width}}  {_fmt(v)}" for k, v in rows]

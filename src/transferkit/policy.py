@@ -111,6 +111,9 @@ def parse_blocks(value: Any, total: int, key: str = "finetune.trainable_blocks")
     )
 
 
+#: Largest-to-smallest class ratio the plan's reason calls an imbalance.
+IMBALANCED = 3
+
 #: Epochs of a regime with neither a step budget nor ``trainer.max_epochs``.
 DEFAULT_EPOCHS = 5
 
@@ -135,7 +138,8 @@ def epochs_for_steps(
 
 
 def match_rule(rules: list[Mapping[str, Any]], counts: Mapping[str, int]) -> Mapping[str, Any]:
-    """The first row whose bounds hold: ``max_per_class`` (median images per class) and
+    """The first row whose bounds hold: ``max_per_class`` (median images per class),
+    ``max_min_per_class`` (images of the smallest class, for imbalanced data) and
     ``max_train_size``; a row without bounds matches everything.
 
     Raises:
@@ -143,6 +147,8 @@ def match_rule(rules: list[Mapping[str, Any]], counts: Mapping[str, int]) -> Map
     """
     for row in rules:
         if "max_per_class" in row and counts["median_per_class"] > row["max_per_class"]:
+            continue
+        if "max_min_per_class" in row and counts["min_per_class"] > row["max_min_per_class"]:
             continue
         if "max_train_size" in row and counts["train_size"] > row["max_train_size"]:
             continue
@@ -284,9 +290,13 @@ def _with_reason(plan: Plan, why: str | None) -> Plan:
     }[plan.regime]
     counts = ""
     if c:
+        smallest = f"min {c['min_per_class']:,}"
+        if c.get("max_per_class", 0) > IMBALANCED * max(1, c["min_per_class"]):
+            ratio = c["max_per_class"] / max(1, c["min_per_class"])
+            smallest = f"smallest class {c['min_per_class']:,}, {ratio:.0f}:1 imbalance"
         counts = (
             f"{c['train_size']:,} training images, {c['median_per_class']:,} per class "
-            f"(min {c['min_per_class']:,}) → "
+            f"({smallest}) → "
         )
     because = f", because {why}" if why else (" (rule table)" if plan.rule else " (configured)")
     reason = f"{counts}{what}{because}"

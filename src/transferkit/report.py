@@ -35,7 +35,8 @@ from transferkit.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-CURVE_KEYS = ("train/loss", "val/loss", "train/acc", "val/acc")
+CURVE_KEYS = ("train/loss", "val/loss", "train/acc", "val/acc", "val/f1_macro",
+              "val/balanced_acc")  # fmt: skip
 VERSIONED = ("transferkit", "torch", "timm", "lightning", "torchmetrics", "hydra-core")
 
 
@@ -217,9 +218,14 @@ def confusion_section(cm: np.ndarray, class_names: Sequence[str], png: str) -> l
     lines = [f"![confusion matrix]({png})", "",
              "| class | test images | correct | accuracy | most often predicted instead |",
              "|---|---:|---:|---:|---|"]  # fmt: skip
-    for r in per_class_rows(cm, class_names):
+    rows = per_class_rows(cm, class_names)
+    for r in rows:
         lines.append(f"| {r['class']} | {r['images']} | {r['correct']} | "
                      f"{_fmt(r['accuracy'])} | {r['confused_with']} |")  # fmt: skip
+    scored = sorted((r for r in rows if r["images"]), key=lambda r: r["accuracy"])
+    if len(scored) > 1:
+        worst = ", ".join(f"{r['class']} ({r['accuracy']:.2f})" for r in scored[:3])
+        lines += ["", f"Worst classes by recall (accuracy within the class): {worst}."]
     return lines
 
 

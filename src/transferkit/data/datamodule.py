@@ -19,6 +19,12 @@ from tqdm.auto import tqdm
 from transferkit import preemption
 from transferkit.data.animal_mnist import CLASSES as ANIMAL_CLASSES
 from transferkit.data.animal_mnist import load_animal_mnist
+from transferkit.data.balance import (
+    check_balance,
+    class_weights,
+    resolve_mode,
+    sample_weights,
+)
 from transferkit.data.image_folder import scan_image_folder
 from transferkit.data.order import (
     EpochSampler,
@@ -116,13 +122,18 @@ class ImageDataModule(L.LightningDataModule):
         val_fraction: share of each class held out for validation when the source has no
             validation split.
         test_fraction: likewise for the test split.
-        limit_per_class: keep at most this many training images per class (None: all).
+        limit_per_class: keep at most this many training images per class (None: all), or
+            a list with one limit per class (to make a balanced set imbalanced, say).
         seed: seed of the split and of the subsample.
         augment: options for the training transform (see ``build_transform``).
         crop_pct: evaluation centre-crop fraction (1.0: resize only).
         decode_once: decode and resize each image once into memory when the transform is
             deterministic: ``auto`` (when it fits ``decode_budget_gb``), ``true`` or ``false``.
         decode_budget_gb: memory allowed for decoded images.
+        balance: ``none``, ``weighted_loss``, ``sampler`` or ``auto`` (see
+            ``transferkit.data.balance``).
+        balance_weights: ``inverse`` or ``effective`` class weights.
+        effective_beta: β of the effective number of samples.
     """
 
     def __init__(
@@ -132,15 +143,23 @@ class ImageDataModule(L.LightningDataModule):
         image_size: int = 64,
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
-        limit_per_class: int | None = None,
+        limit_per_class: int | list[int] | None = None,
         seed: int = 42,
         augment: Mapping[str, Any] | None = None,
         crop_pct: float = 1.0,
         pin_memory: bool | str = "auto",
         decode_once: str | bool = "auto",
         decode_budget_gb: float = 2.0,
+        balance: str = "none",
+        balance_weights: str = "inverse",
+        effective_beta: float = 0.999,
     ) -> None:
         super().__init__()
+        check_balance(balance, balance_weights, effective_beta)
+        self.balance, self.balance_weights, self.effective_beta = (
+            balance, balance_weights, effective_beta,
+        )  # fmt: skip
+        self.balance_mode = "none"  # `balance` made concrete by setup() (auto)
         for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0.0 <= frac < 1.0:
                 raise ConfigError(f"data.{name} must be in [0, 1), got {frac}.")
@@ -206,12 +225,13 @@ class ImageDataModule(L.LightningDataModule):
         splits.update({k: v for k, v in given.items() if k != "train"})
         if self.limit is not None:
             splits["train"] = splits["train"].subset(
-                limit_per_class(splits["train"].labels, self.limit, self.seed)
+                limit_per_class(splits["train"].labels, self.limit, self.seed, len(classes))
             )
         for name in ("val", "test"):  # classes take turns: any prefix of a split is stratified
             if len(splits.get(name, ())):
                 splits[name] = splits[name].subset(interleave_classes(splits[name].labels))
         self.classes, self.splits = classes, splits
+        self.balance_mode = resolve_mode(self.balance, self.per_class())
         log.info(
             "data: %d classes; train %d, val %d, test %d images",
             len(classes),
@@ -222,15 +242,33 @@ class ImageDataModule(L.LightningDataModule):
     def num_classes(self) -> int:
         return len(self.classes)
 
+    def per_class(self) -> np.ndarray:
+        """Training images per class."""
+        return np.bincount(self.splits["train"].labels, minlength=self.num_classes)
+
     def counts(self) -> dict[str, int]:
         """Training-set counts the fine-tuning policy uses."""
-        per_class = np.bincount(self.splits["train"].labels, minlength=self.num_classes)
+        per_class = self.per_class()
         return {
             "train_size": int(per_class.sum()),
             "min_per_class": int(per_class.min()),
             "median_per_class": int(np.median(per_class)),
+            "max_per_class": int(per_class.max()),
             "num_classes": self.num_classes,
         }
+
+    def class_weights(self) -> np.ndarray | None:
+        """Per-class weights when ``balance`` weighs classes (loss or sampler), else None."""
+        if self.balance_mode == "none":
+            return None
+        return class_weights(self.per_class(), self.balance_weights, self.effective_beta)
+
+    def train_sample_weights(self) -> torch.Tensor | None:
+        """Draw weights of the training images for ``balance=sampler``, else None."""
+        weights = self.class_weights()
+        if self.balance_mode != "sampler" or weights is None:
+            return None
+        return sample_weights(self.splits["train"].labels, weights)
 
     def set_preprocessing(self, preprocessing: Mapping[str, Any]) -> None:
         """Take mean/std/interpolation from the model; resolution and crop from the data."""
@@ -279,8 +317,10 @@ class ImageDataModule(L.LightningDataModule):
         settings = self.loader_settings()
         dataset = self.image_dataset(split, train)
         if train:
+            trainer = getattr(self, "trainer", None)
+            weights = self.train_sample_weights()
             return training_loader(
-                dataset, self.batch_size, getattr(self, "trainer", None), self.seed, **settings
+                dataset, self.batch_size, trainer, self.seed, weights, **settings
             )
         return DataLoader(
             dataset,
@@ -302,7 +342,12 @@ class ImageDataModule(L.LightningDataModule):
 
 
 def training_loader(
-    dataset: Dataset, batch_size: int, trainer: Any, seed: int, **settings: Any
+    dataset: Dataset,
+    batch_size: int,
+    trainer: Any,
+    seed: int,
+    weights: torch.Tensor | None = None,
+    **settings: Any,
 ) -> DataLoader:
     """The training DataLoader: shuffled by (seed, epoch) with :class:`EpochSampler`, this
     rank's shard under DDP, and the batches a run resumed mid-epoch already trained on
@@ -320,6 +365,7 @@ def training_loader(
         seed=seed,
         epoch=next_epoch(trainer),
         skip=resume_skip(trainer, batch_size, batches),
+        weights=weights,
     )
     return DataLoader(
         dataset,

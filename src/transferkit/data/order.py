@@ -98,10 +98,20 @@ class EpochSampler(DistributedSampler):
         seed: base seed; epoch ``e`` is shuffled with ``seed + e``, on every rank alike.
         epoch: the epoch of the next pass (Lightning calls ``set_epoch`` too).
         skip: indices of this rank's shard to leave out of the next pass.
+        weights: per-image draw weights (``data.balance=sampler``): each epoch then draws
+            as many images as the data set has, with replacement, in proportion to them,
+            the same draw on every rank, and each rank takes its own disjoint share.
     """
 
     def __init__(
-        self, dataset: Sized, num_replicas: int, rank: int, seed: int, epoch: int = 0, skip: int = 0
+        self,
+        dataset: Sized,
+        num_replicas: int,
+        rank: int,
+        seed: int,
+        epoch: int = 0,
+        skip: int = 0,
+        weights: torch.Tensor | None = None,
     ) -> None:
         super().__init__(
             dataset,  # type: ignore[arg-type]
@@ -113,12 +123,18 @@ class EpochSampler(DistributedSampler):
         )
         self.epoch = epoch
         self.skip = skip
+        self.weights = weights
 
     def __iter__(self) -> Iterator[int]:
         size = len(self.dataset)  # type: ignore[arg-type]
         start, self.skip = self.skip, 0
-        indices = list(super().__iter__())[start:]
-        return iter([i + self.epoch * size for i in indices])
+        if self.weights is None:
+            indices = list(super().__iter__())
+        else:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            drawn = torch.multinomial(self.weights, self.total_size, True, generator=g)
+            indices = drawn[self.rank : self.total_size : self.num_replicas].tolist()
+        return iter([i + self.epoch * size for i in indices[start:]])
 
 
 def shard_size(size: int, world_size: int) -> int:

@@ -157,13 +157,27 @@ def interleave_classes(labels: np.ndarray) -> np.ndarray:
     return np.lexsort((labels, key))  # by share of the class done, then by class
 
 
-def limit_per_class(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """Indices of at most ``n`` images per class, chosen reproducibly."""
-    if n < 1:
+def limit_per_class(
+    labels: np.ndarray, n: int | Sequence[int], seed: int, num_classes: int | None = None
+) -> np.ndarray:
+    """Indices of at most ``n`` images per class (or ``n[c]`` of class ``c``), chosen
+    reproducibly.
+
+    Raises:
+        ConfigError: a limit below 1, or a list whose length is not the number of classes.
+    """
+    classes = int(num_classes if num_classes is not None else labels.max() + 1)
+    limits = [n] * classes if isinstance(n, (int, np.integer)) else list(n)
+    if len(limits) != classes:
+        raise ConfigError(
+            f"data.limit_per_class has {len(limits)} limits for {classes} classes: give one "
+            "per class, in the order of the class names, or a single number."
+        )
+    if any(not isinstance(k, (int, np.integer)) or k < 1 for k in limits):
         raise ConfigError(f"data.limit_per_class must be >= 1, got {n}; use null for no limit.")
     rng = np.random.default_rng(seed + 1)
     keep = []
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
-        keep.append(np.sort(idx[rng.permutation(len(idx))[:n]]))
+        keep.append(np.sort(idx[rng.permutation(len(idx))[: limits[int(c)]]]))
     return np.sort(np.concatenate(keep))

@@ -28,6 +28,7 @@ from transferkit.models.finetuning import (
     param_groups,
     trainable_names,
 )
+from transferkit.models.metrics import eval_metrics
 from transferkit.models.norms import convert_backbone_norm
 from transferkit.policy import Plan
 
@@ -139,11 +140,12 @@ class ImageClassifier(L.LightningModule):
             "image_size": image_size,
             "crop_pct": crop_pct,
         }
-        acc = lambda k: MulticlassAccuracy(num_classes, top_k=k, average="micro")  # noqa: E731
-        self.train_acc, self.val_acc, self.test_acc = acc(1), acc(1), acc(1)
-        self.top5 = num_classes > 5
-        if self.top5:
-            self.val_acc5, self.test_acc5 = acc(5), acc(5)
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_metrics = eval_metrics(num_classes, "val")
+        self.test_metrics = eval_metrics(num_classes, "test")
+        # data.balance=weighted_loss: per-class weights of the training loss (not saved:
+        # they follow from the data, and inference does not need them)
+        self.register_buffer("class_weights", None, persistent=False)
 
     # -- fine-tuning plan --------------------------------------------------------------
     @property
@@ -216,10 +218,18 @@ class ImageClassifier(L.LightningModule):
             out = [p for p in out if p.ndim > 1]
         return out
 
+    def set_class_weights(self, weights: Any | None) -> None:
+        """Weigh the training loss per class (``data.balance=weighted_loss``); None: off."""
+        self.class_weights = None if weights is None else torch.as_tensor(
+            weights, dtype=torch.float32, device=self.device
+        )  # fmt: skip
+
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        w = self.class_weights
         if y.ndim == 2:  # soft targets (mixup / cutmix, label smoothing already inside)
-            return torch.sum(-y * F.log_softmax(logits, dim=-1), dim=-1).mean()
-        return F.cross_entropy(logits, y, label_smoothing=self.hparams["label_smoothing"])
+            per_class = -y * F.log_softmax(logits, dim=-1)
+            return torch.sum(per_class if w is None else per_class * w, dim=-1).mean()
+        return F.cross_entropy(logits, y, weight=w, label_smoothing=self.hparams["label_smoothing"])
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> Any:
         x, y = batch
@@ -241,13 +251,10 @@ class ImageClassifier(L.LightningModule):
         x, y = batch
         logits = self._logits(x)
         self.log(f"{stage}/loss", F.cross_entropy(logits, y), prog_bar=True, sync_dist=True)
-        acc = getattr(self, f"{stage}_acc")
-        acc.update(logits, y)
-        self.log(f"{stage}/acc", acc, prog_bar=True)
-        if self.top5:
-            acc5 = getattr(self, f"{stage}_acc5")
-            acc5.update(logits, y)
-            self.log(f"{stage}/acc_top5", acc5)
+        metrics = getattr(self, f"{stage}_metrics")
+        metrics.update(logits, y)
+        for name, metric in metrics.items():  # prefixed names; shared states copied across
+            self.log(name, metric, prog_bar=name == f"{stage}/acc")
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")

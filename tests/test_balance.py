@@ -1,0 +1,93 @@
+"""Imbalanced classes: class weights, the weighted sampler (under DDP too), the loss
+weights, macro-F1 and balanced accuracy, monitor=auto and the worst classes in the report."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from transferkit.data.balance import class_weights, imbalance_ratio, resolve_mode, sample_weights
+from transferkit.data.order import EpochSampler
+from transferkit.finetune import finetune
+
+from .conftest import tiny_overrides, write_images
+
+SIZES = np.array([400, 100, 20, 4])
+
+
+@pytest.mark.parametrize("scheme", ["inverse", "effective"])
+def test_class_weights_keep_the_average_weight_per_image_at_one(scheme):
+    w = class_weights(SIZES, scheme, beta=0.99)
+    assert (w * SIZES).sum() == pytest.approx(SIZES.sum())
+    assert np.all(np.diff(w) > 0)  # rarer classes weigh more
+    if scheme == "inverse":  # every class carries the same total weight
+        assert np.allclose(w * SIZES, (w * SIZES)[0])
+    else:  # softer than inverse: the rarest class gains less than 100x
+        assert w[-1] / w[0] < SIZES[0] / SIZES[-1]
+
+
+def test_auto_balances_past_three_to_one():
+    assert imbalance_ratio(SIZES) == 100
+    assert resolve_mode("auto", SIZES) == "sampler"
+    assert resolve_mode("auto", np.array([10, 10, 4])) == "none"
+    assert resolve_mode("weighted_loss", np.array([10, 10])) == "weighted_loss"
+
+
+def test_the_weighted_sampler_balances_classes_and_shares_one_draw_across_ranks():
+    labels = np.repeat(np.arange(len(SIZES)), SIZES)
+    weights = sample_weights(labels, class_weights(SIZES))
+    data = list(range(len(labels)))
+    drawn = []
+    for epoch in range(5):
+        shards = [list(EpochSampler(data, 2, r, seed=3, epoch=epoch, weights=weights))
+                  for r in range(2)]  # fmt: skip
+        assert len(shards[0]) == len(shards[1]) == len(labels) // 2
+        again = list(EpochSampler(data, 2, 0, seed=3, epoch=epoch, weights=weights))
+        assert again == shards[0]  # the same draw on every rank, and on resume
+        drawn += [i % len(labels) for s in shards for i in s]
+    share = np.bincount(labels[drawn], minlength=len(SIZES)) / len(drawn)
+    assert np.allclose(share, 0.25, atol=0.03)  # each class a quarter of the draws
+
+
+def _imbalanced(tmp_path, make_cfg, *extra):
+    write_images(tmp_path / "d", ["a", "b", "c"], per_class=40)
+    return finetune(make_cfg(*tiny_overrides(
+        tmp_path / "d", tmp_path / "run", "data.limit_per_class=[28,10,3]",
+        "data.val_fraction=0.15", "data.test_fraction=0.15", *extra,
+    )))  # fmt: skip
+
+
+def test_an_imbalanced_run_balances_and_monitors_macro_f1(tmp_path, make_cfg):
+    summary, objects = _imbalanced(tmp_path, make_cfg)
+    assert summary["balance"] == "sampler" and summary["objective"]["name"] == "val/f1_macro"
+    assert "smallest class 3, 9:1 imbalance" in summary["plan"]["reason"]
+    assert 0 <= summary["test_f1_macro"] <= 1 and 0 <= summary["test_balanced_acc"] <= 1
+    assert objects["model"].class_weights is None
+    assert "Worst classes by recall" in (tmp_path / "run" / "report.md").read_text()
+    loader = objects["fit_datamodule"].train_dataloader()
+    assert isinstance(loader.sampler, EpochSampler) and loader.sampler.weights is not None
+
+
+def test_weighted_loss_weighs_the_loss_by_class(tmp_path, make_cfg):
+    _, objects = _imbalanced(tmp_path, make_cfg, "data.balance=weighted_loss")
+    model = objects["model"]
+    w = model.class_weights
+    assert w is not None and w[2] > w[1] > w[0]
+    logits, y = torch.randn(6, 3), torch.tensor([0, 0, 1, 1, 2, 2])
+    expected = torch.nn.functional.cross_entropy(logits, y, weight=w)
+    assert torch.allclose(model._loss(logits, y), expected)
+    soft = torch.nn.functional.one_hot(y, 3).float()  # soft targets (mixup) agree with hard
+    assert torch.allclose(model._loss(logits, soft),
+                          (-(soft * logits.log_softmax(-1)) * w).sum(-1).mean())  # fmt: skip
+
+
+def test_balanced_data_keeps_val_acc_and_no_balancing(image_folder, tmp_path, make_cfg):
+    summary, _ = finetune(make_cfg(*tiny_overrides(image_folder, tmp_path / "run")))
+    assert summary["balance"] == "none" and summary["objective"]["name"] == "val/acc"
+
+
+def test_a_limit_per_class_list_needs_one_limit_per_class(image_folder, tmp_path, make_cfg):
+    with pytest.raises(ValueError, match="2 limits for 3 classes"):
+        finetune(make_cfg(*tiny_overrides(image_folder, tmp_path / "r",
+                                          "data.limit_per_class=[5,5]")))  # fmt: skip
