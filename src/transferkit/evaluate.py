@@ -8,6 +8,7 @@ classes and its preprocessing.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from transferkit.report import (
     plot_confusion_matrix,
 )
 from transferkit.trust import TargetPolicy
+from transferkit.tta import TTA, check_tta, tta_preprocessing
 
 log = logging.getLogger("transferkit")
 SPLITS = ("train", "val", "test", "all")
@@ -89,8 +91,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     dm.setup("test")
     label_map = class_index_map(names, dm.classes)  # the folder may hold a subset of classes
     samples = split_samples(dm.splits, cfg.split)
-    samples = Samples(labels=label_map[samples.labels], images=samples.images, paths=samples.paths)
-    transform = build_transform(model.preprocessing, train=False)  # the checkpoint's, not data's
+    samples = dataclasses.replace(samples, labels=label_map[samples.labels])
+    tta = str(cfg.get("tta", "none"))
+    check_tta(tta)
+    # the checkpoint's preprocessing, not the data config's
+    transform = build_transform(tta_preprocessing(model.preprocessing, tta), train=False)
     loader = DataLoader(
         ImageDataset(samples, transform),
         batch_size=dm.batch_size,
@@ -98,7 +103,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         **dm.loader_settings(),
     )
     model.to(device_of(cfg.device))
-    logits, labels = collect_logits(model, loader, f"evaluate ({cfg.split}: {len(samples)})")
+    tested = TTA(model, tta, int(model.preprocessing["image_size"]))
+    logits, labels = collect_logits(tested, loader, f"evaluate ({cfg.split}: {len(samples)})")
     metrics = {f"{cfg.split}/{k}": v for k, v in classification_metrics(logits, labels).items()}
     cm = confusion_matrix(logits.argmax(-1).numpy(), labels.numpy(), len(names))
 

@@ -30,6 +30,7 @@ from transferkit.evaluate import device_of, require
 from transferkit.io import atomic_write_bytes
 from transferkit.report import collect_logits
 from transferkit.trust import TargetPolicy
+from transferkit.tta import TTA, check_tta, tta_preprocessing
 
 log = logging.getLogger("transferkit")
 
@@ -79,12 +80,15 @@ def predict(cfg: DictConfig) -> Path:
     model = load_classifier(cfg.ckpt, policy=TargetPolicy.from_config(cfg))
     names = [str(n) for n in model.hparams["class_names"] or range(model.hparams["num_classes"])]
     files = list_inputs(cfg.input)
-    size = int(model.preprocessing["image_size"])
-    data = FileDataset(files, build_transform(model.preprocessing, train=False), size)
+    tta = str(cfg.get("tta", "none"))
+    check_tta(tta)
+    views = tta_preprocessing(model.preprocessing, tta)
+    data = FileDataset(files, build_transform(views, train=False), int(views["image_size"]))
     loader = DataLoader(data, batch_size=int(cfg.batch_size), num_workers=int(cfg.num_workers),
                         worker_init_fn=worker_ignores_stop_signals)  # fmt: skip
     model.to(device_of(cfg.device))
-    logits, index = collect_logits(model, loader, f"predict ({len(files)} images)")
+    tested = TTA(model, tta, int(model.preprocessing["image_size"]))
+    logits, index = collect_logits(tested, loader, f"predict ({len(files)} images)")
     bad = [files[-1 - int(i)] for i in index if i < 0]
     if bad and cfg.on_bad_image == "fail":
         raise DataError(
