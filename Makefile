@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all lint format finetune evaluate predict export sweep-depth clean lr-find gpu-check bench experiments wheel
+.PHONY: help install test test-all lint format finetune evaluate predict export sweep-depth clean lr-find gpu-check bench experiments wheel data-multilabel
 
 SWEEP_DIR ?= multirun/sweep-depth
 SWEEP_SMALL ?= 10,100
@@ -72,6 +72,9 @@ predict: ## CSV of the top-k classes per image: ckpt=PATH input=FILE_OR_DIR [ARG
 
 export: ## Export ckpt=PATH as format=torchscript|onnx and check it against the checkpoint
 	$(VENV)/bin/transferkit-export $(if $(ckpt),ckpt=$(ckpt)) $(if $(format),format=$(format)) $(ARGS)
+
+data-multilabel: ## Tile Animal-MNIST into a multi-label set (2-3 animals an image) -> data/multilabel
+	$(PY) -m transferkit.data.tiled data/multilabel $(ARGS)
 
 bench: ## Toolkit vs bare-loop throughput, feature-cache speed-up, data vs model -> bench.json
 	$(PY) -m transferkit.bench $(ARGS)

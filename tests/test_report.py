@@ -98,7 +98,7 @@ def test_finetune_writes_the_report(image_folder, tmp_path, make_cfg):
     summary, _ = finetune(cfg)
     text = (out / "report.md").read_text()
     for section in ("## Plan", "## Data", "## Final metrics", "## Learning curves",
-                    "## Test split: confusion matrix and per-class accuracy",
+                    "## Test split: per-class results",
                     "## Configuration", "## Versions"):  # fmt: skip
         assert section in text
     assert summary["plan"]["reason"] in text

@@ -202,7 +202,7 @@ def compute_features(
     if device.type == "cpu":  # large batches run slower on CPUs (1024: 2x the time of 64)
         batch_size = min(batch_size, CPU_CACHE_BATCH)
     loader = DataLoader(dataset, batch_size=batch_size, generator=own_generator())
-    x0, _ = next(iter(loader))
+    x0, y0 = next(iter(loader))
     probe = split.prefix(x0[:1].to(device))
     n = len(dataset)  # type: ignore[arg-type]
     shape = (n, *probe.shape[1:])
@@ -219,7 +219,8 @@ def compute_features(
         rank = int(os.environ.get("LOCAL_RANK", 0)) + 1000 * int(os.environ.get("NODE_RANK", 0))
         file = disk_dir / f"{name}.rank{rank}.npy"  # one file per process: ranks never share one
         store = np.lib.format.open_memmap(file, mode="w+", dtype=np.float16, shape=shape)
-    labels = torch.empty(n, dtype=torch.long)
+    y0 = torch.as_tensor(y0)
+    labels = torch.empty((n, *y0.shape[1:]), dtype=y0.dtype)  # classes, or 0/1 rows
     i = 0
     try:
         log.info("caching %s: %d x %s = %.1f MB as %s", name, n, tuple(shape[1:]), need / 2**20,

@@ -102,7 +102,7 @@ HPARAM_TYPES: dict[str, tuple[type, ...]] = {
     "class_names": (list, type(None)), "image_size": (int,), "crop_pct": _NUMBER,
     "label_smoothing": _NUMBER, "l1": _NUMBER, "l1_scope": (str,),
     "decay_norm_and_bias": (bool,), "backbone_norm": (str,), "mixup": (dict, type(None)),
-    "channels_last": (bool,), "compile": (bool,),
+    "channels_last": (bool,), "compile": (bool,), "task": (str,), "multilabel_loss": (str,),
 }  # fmt: skip
 
 
@@ -175,6 +175,18 @@ def _instantiated(hparams: dict[str, Any]) -> dict[str, Any]:
     """What of the hyper-parameters reaches Hydra's ``instantiate`` or could one day (all of
     it, but the class names: folder names may hold ``${`` and are never resolved)."""
     return {k: v for k, v in hparams.items() if k != "class_names"}
+
+
+def store_thresholds(paths: Sequence[str | Path], thresholds: torch.Tensor) -> None:
+    """Write tuned multi-label thresholds into checkpoints (atomically; the raw weights of
+    an EMA run too), so that evaluate, predict and a resumed run use them."""
+    for path in dict.fromkeys(str(p) for p in paths):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        for key in ("state_dict", "current_model_state"):
+            if key in ckpt:
+                ckpt[key]["thresholds"] = thresholds.detach().cpu().clone()
+        with atomic_open(path) as f:
+            torch.save(ckpt, f)
 
 
 def check_classes(

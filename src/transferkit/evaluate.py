@@ -34,6 +34,7 @@ from transferkit.report import (
     collect_logits,
     confusion_matrix,
     confusion_section,
+    multilabel_section,
     plot_confusion_matrix,
 )
 from transferkit.trust import TargetPolicy
@@ -91,7 +92,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     dm.setup("test")
     label_map = class_index_map(names, dm.classes)  # the folder may hold a subset of classes
     samples = split_samples(dm.splits, cfg.split)
-    samples = dataclasses.replace(samples, labels=label_map[samples.labels])
+    if samples.labels.ndim == 2:  # multi-label: the data's columns to the checkpoint's
+        remapped = np.zeros((len(samples), len(names)), dtype=samples.labels.dtype)
+        remapped[:, label_map] = samples.labels
+        samples = dataclasses.replace(samples, labels=remapped)
+    else:
+        samples = dataclasses.replace(samples, labels=label_map[samples.labels])
     tta = str(cfg.get("tta", "none"))
     check_tta(tta)
     # the checkpoint's preprocessing, not the data config's
@@ -105,19 +111,26 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     model.to(device_of(cfg.device))
     tested = TTA(model, tta, int(model.preprocessing["image_size"]))
     logits, labels = collect_logits(tested, loader, f"evaluate ({cfg.split}: {len(samples)})")
-    metrics = {f"{cfg.split}/{k}": v for k, v in classification_metrics(logits, labels).items()}
-    cm = confusion_matrix(logits.argmax(-1).numpy(), labels.numpy(), len(names))
-
+    thresholds = getattr(model, "thresholds", None)
+    metrics = {f"{cfg.split}/{k}": v
+               for k, v in classification_metrics(logits, labels, thresholds).items()}  # fmt: skip
     out = Path(cfg.paths.output_dir)
-    plot_confusion_matrix(cm, names, out / "confusion_matrix.png")
     lines = [f"# Evaluation of {cfg.ckpt}", "", f"{len(samples)} images ({cfg.split} split).", ""]
     lines += [f"- {k}: {v:.4f}" for k, v in metrics.items()] + [""]
-    lines += confusion_section(cm, names, "confusion_matrix.png")
+    result: dict[str, Any] = {"checkpoint": str(cfg.ckpt), "images": len(samples), **metrics,
+                              "class_names": names}  # fmt: skip
+    if isinstance(thresholds, torch.Tensor):  # multi-label
+        lines += multilabel_section(logits, labels, thresholds, names)
+        result["thresholds"] = thresholds.tolist()
+    else:
+        cm = confusion_matrix(logits.argmax(-1).numpy(), labels.numpy(), len(names))
+        plot_confusion_matrix(cm, names, out / "confusion_matrix.png")
+        lines += confusion_section(cm, names, "confusion_matrix.png")
+        result["confusion_matrix"] = cm.tolist()
     lines += ["", "## The worst mistakes", ""]
-    lines += write_top_losses(samples, logits, labels, names, out, cfg.split)
+    lines += write_top_losses(samples, logits, labels, names, out, cfg.split,
+                              thresholds=thresholds)  # fmt: skip
     atomic_write_bytes(out / "evaluation.md", ("\n".join(lines) + "\n").encode())
-    result = {"checkpoint": str(cfg.ckpt), "images": len(samples), **metrics,
-              "confusion_matrix": cm.tolist(), "class_names": names}  # fmt: skip
     write_json(out / "evaluation.json", result)
     width = max(len(k) for k in metrics)
     print("\ntransferkit evaluation")

@@ -103,6 +103,9 @@ def export(cfg: DictConfig) -> dict[str, Any]:
             "preprocessing": model.preprocessing,
             "backbone": model.hparams["backbone"],
             "checkpoint": str(cfg.ckpt),
+            # multi-label: the outputs are per-class logits, positive at sigmoid >= threshold
+            "task": "multilabel" if model.multilabel else "multiclass",
+            "thresholds": torch.as_tensor(model.thresholds).tolist() if model.multilabel else None,
         }
     )
     out = (

@@ -31,13 +31,14 @@ from transferkit.caching import CachedFeatureDataModule, cache_decision
 from transferkit.callbacks.fit_diagnosis import FitDiagnosis
 from transferkit.callbacks.history import History
 from transferkit.callbacks.speed import TrainSpeed
-from transferkit.checkpoint_io import check_resume
+from transferkit.checkpoint_io import check_resume, store_thresholds
 from transferkit.cli import CONFIG_DIR, run_cli
 from transferkit.data.balance import AUTO_RATIO, imbalance_ratio
 from transferkit.distributed import check_multirun, scaled_optimizer
 from transferkit.errors import ConfigError, MissingPackageError
 from transferkit.io import write_json
 from transferkit.models.finetuning import trainable_names
+from transferkit.models.multilabel import tune_thresholds, validation_probabilities
 from transferkit.optim import check_optimizer_settings
 from transferkit.policy import resolve_plan
 from transferkit.report import budget_text, write_run_report
@@ -80,6 +81,40 @@ def check_trainer_settings(trainer_cfg: dict[str, Any]) -> None:
         )
 
 
+def _tune_thresholds(model: Any, fit_dm: Any, best_path: str, out_dir: Path) -> None:
+    """Multi-label: with the best checkpoint's weights, the per-class thresholds of best F1
+    on the validation split, written into the checkpoints (test and later loads use them)."""
+    model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)
+                          ["state_dict"])  # fmt: skip
+    probs, targets = validation_probabilities(model, fit_dm.val_dataloader())
+    thresholds = tune_thresholds(probs, targets)
+    model.thresholds.copy_(thresholds)
+    last = out_dir / "checkpoints" / "last.ckpt"
+    store_thresholds([best_path, *([last] if last.is_file() else [])], thresholds)
+    log.info("multi-label thresholds tuned on the validation split: %s",
+             ", ".join(f"{t:.2f}" for t in thresholds.tolist()))  # fmt: skip
+
+
+def resolve_task(task: str, multilabel: bool) -> str:
+    """``task: auto`` from the labels; an explicit task must fit them.
+
+    Raises:
+        ConfigError: ``multiclass`` with sets of labels, or ``multilabel`` with one class
+            per image.
+    """
+    found = "multilabel" if multilabel else "multiclass"
+    if task == "auto":
+        return found
+    if task not in ("multiclass", "multilabel"):
+        raise ConfigError(f"task={task!r}; choose auto, multiclass or multilabel.")
+    if task != found:
+        how = ("the data gives a set of classes per image" if multilabel else
+               "the data gives one class per image (data.label_separator makes a CSV "
+               "label column a list)")  # fmt: skip
+        raise ConfigError(f"task={task} but {how}: set task={found} or task=auto.")
+    return task
+
+
 def _balance(cfg: DictConfig, dm: Any, model: Any) -> None:
     """Imbalanced classes: the loss weights (``data.balance=weighted_loss``; the sampler is
     the DataModule's) and ``monitor: auto`` (macro-F1 when the classes are imbalanced)."""
@@ -87,7 +122,8 @@ def _balance(cfg: DictConfig, dm: Any, model: Any) -> None:
     if dm.balance_mode == "weighted_loss":
         model.set_class_weights(dm.class_weights())
     if cfg.monitor == "auto":
-        cfg.monitor = "val/f1_macro" if ratio > AUTO_RATIO else "val/acc"
+        cfg.monitor = ("val/map" if model.multilabel else
+                       "val/f1_macro" if ratio > AUTO_RATIO else "val/acc")  # fmt: skip
     if ratio > AUTO_RATIO:
         log.info(
             "imbalanced classes: the largest has %.0fx the images of the smallest; balance: "
@@ -153,6 +189,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         cfg.model,
         num_classes=dm.num_classes,
         class_names=dm.classes,
+        task=resolve_task(cfg.get("task", "auto"), dm.multilabel),
         optimizer=optimizer,
         scheduler=instantiate(cfg.scheduler),
         _recursive_=False,
@@ -300,6 +337,8 @@ def finetune(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     checkpoint = trainer.checkpoint_callback
     best_path = getattr(checkpoint, "best_model_path", "") or None
     best_score = getattr(checkpoint, "best_model_score", None)
+    if model.multilabel and best_path and len(dm.splits.get("val", ())):
+        _tune_thresholds(model, fit_dm, best_path, out_dir)
     test_metrics: dict[str, float] = {}
     if cfg.get("test", True) and len(dm.splits.get("test", ())):
         results = trainer.test(model, datamodule=fit_dm, ckpt_path=best_path, verbose=False)
@@ -333,6 +372,8 @@ def finetune(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         "test_loss": test_metrics.get("test/loss"),
         "test_acc_top5": test_metrics.get("test/acc_top5"),
         "test_f1_macro": test_metrics.get("test/f1_macro"),
+        "test_map": test_metrics.get("test/map"),
+        "task": "multilabel" if model.multilabel else "multiclass",
         "test_balanced_acc": test_metrics.get("test/balanced_acc"),
         "balance": dm.balance_mode,
         "fit_seconds": round(fit_seconds, 2),

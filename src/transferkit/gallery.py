@@ -25,30 +25,57 @@ from transferkit.io import atomic_write_bytes
 TOP_K = 16
 
 
+def sample_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each image's loss: cross-entropy, or (multi-label, 2-D labels) the summed BCE."""
+    if labels.ndim == 2:
+        return F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none").sum(1)
+    return F.cross_entropy(logits, labels, reduction="none")
+
+
 def top_losses(logits: torch.Tensor, labels: torch.Tensor, k: int = TOP_K) -> torch.Tensor:
-    """Indices of the ``k`` samples with the highest cross-entropy, highest first."""
-    losses = F.cross_entropy(logits, labels, reduction="none")
+    """Indices of the ``k`` samples with the highest loss, highest first."""
+    losses = sample_losses(logits, labels)
     return losses.argsort(descending=True)[: min(k, len(losses))]
 
 
 def _rows(
-    samples: Samples, logits: torch.Tensor, labels: torch.Tensor, names: Sequence[str], k: int
+    samples: Samples,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    names: Sequence[str],
+    k: int,
+    thresholds: torch.Tensor | None,
 ) -> list[dict[str, object]]:
-    probs = logits.softmax(-1)
-    losses = F.cross_entropy(logits, labels, reduction="none")
+    losses = sample_losses(logits, labels)
     rows = []
     for rank, i in enumerate(top_losses(logits, labels, k).tolist(), 1):
-        pred = int(probs[i].argmax())
-        rows.append({
+        row: dict[str, object] = {
             "rank": rank,
             "index": i,
             "path": str(samples.paths[i]) if samples.paths is not None else "",
-            "true": names[int(labels[i])],
-            "predicted": names[pred],
-            "p_predicted": round(float(probs[i, pred]), 4),
-            "p_true": round(float(probs[i, int(labels[i])]), 4),
-            "loss": round(float(losses[i]), 4),
-        })  # fmt: skip
+        }
+        if labels.ndim == 2:  # multi-label: the sets, and the most confident wrong decision
+            probs = logits[i].sigmoid()
+            chosen = probs >= (thresholds if thresholds is not None else 0.5)
+            wrong = (chosen != labels[i].bool()).nonzero().flatten().tolist()
+            worst = max(wrong, key=lambda c: abs(float(probs[c]) - 0.5)) if wrong else None
+            row |= {
+                "true": " ".join(names[c] for c in labels[i].nonzero().flatten().tolist()),
+                "predicted": " ".join(names[c] for c in chosen.nonzero().flatten().tolist()),
+                "p_predicted": round(float(probs[worst]), 4) if worst is not None else "",
+                "p_true": "",
+            }
+        else:
+            probs = logits[i].softmax(-1)
+            pred = int(probs.argmax())
+            row |= {
+                "true": names[int(labels[i])],
+                "predicted": names[pred],
+                "p_predicted": round(float(probs[pred]), 4),
+                "p_true": round(float(probs[int(labels[i])]), 4),
+            }
+        row["loss"] = round(float(losses[i]), 4)
+        rows.append(row)
     return rows
 
 
@@ -60,12 +87,13 @@ def write_top_losses(
     out_dir: Path,
     title: str,
     k: int = TOP_K,
+    thresholds: torch.Tensor | None = None,
 ) -> list[str]:
     """Write ``top_losses.png`` and ``top_losses.csv`` into ``out_dir``; return the report
     section (markdown lines). ``samples[i]`` must be the image behind ``logits[i]``."""
     if not len(labels):
         return []
-    rows = _rows(samples, logits, labels, names, k)
+    rows = _rows(samples, logits, labels, names, k, thresholds)
     cols = math.ceil(math.sqrt(len(rows)))
     lines = math.ceil(len(rows) / cols)
     fig = Figure(figsize=(2.3 * cols, 2.6 * lines), layout="constrained")
@@ -74,7 +102,9 @@ def write_top_losses(
         ax = fig.add_subplot(lines, cols, n + 1)
         image = np.asarray(samples.load(int(row["index"])))  # type: ignore[call-overload]
         ax.imshow(image, interpolation="nearest" if max(image.shape[:2]) < 96 else "antialiased")
-        ax.set_title(f"{row['true']} / {row['predicted']}\np={row['p_predicted']:.2f}  "
+        p = row["p_predicted"]
+        chance = f"p={p:.2f}  " if isinstance(p, float) else ""
+        ax.set_title(f"{row['true'] or '-'} / {row['predicted'] or '-'}\n{chance}"
                      f"loss {row['loss']:.2f}", fontsize=9, color="firebrick")  # fmt: skip
         ax.set_xticks([])
         ax.set_yticks([])

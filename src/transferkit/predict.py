@@ -97,18 +97,31 @@ def predict(cfg: DictConfig) -> Path:
         )
     if bad:
         log.warning("skipped %d unreadable file(s) (on_bad_image=skip), e.g. %s", len(bad), bad[0])
-    k = min(int(cfg.top_k), len(names))
-    probs, top = logits.softmax(-1).topk(k, dim=-1)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["path", *(f"{c}_{j}" for j in range(1, k + 1) for c in ("class", "prob"))])
-    for i, p, t in zip(index.tolist(), probs.tolist(), top.tolist(), strict=True):
-        if i >= 0:
-            ranked = [v for j in range(k) for v in (names[t[j]], f"{p[j]:.6f}")]
-            writer.writerow([files[i], *ranked])
+    if model.multilabel:  # every class above its threshold, most probable first
+        probs, cut = logits.sigmoid(), torch.as_tensor(model.thresholds)
+        writer.writerow(["path", "labels", "probabilities"])
+        for i, p in zip(index.tolist(), probs, strict=True):
+            if i >= 0:
+                chosen = sorted((c for c in range(len(names)) if p[c] >= cut[c]),
+                                key=lambda c: -float(p[c]))  # fmt: skip
+                writer.writerow([files[i], " ".join(names[c] for c in chosen),
+                                 " ".join(f"{float(p[c]):.6f}" for c in chosen)])  # fmt: skip
+        what = "labels above their thresholds"
+    else:
+        k = min(int(cfg.top_k), len(names))
+        top_p, top = logits.softmax(-1).topk(k, dim=-1)
+        header = (f"{c}_{j}" for j in range(1, k + 1) for c in ("class", "prob"))
+        writer.writerow(["path", *header])
+        for i, p, t in zip(index.tolist(), top_p.tolist(), top.tolist(), strict=True):
+            if i >= 0:
+                ranked = [v for j in range(k) for v in (names[t[j]], f"{p[j]:.6f}")]
+                writer.writerow([files[i], *ranked])
+        what = f"top {k}"
     out = Path(cfg.output)
     atomic_write_bytes(out, buffer.getvalue().encode())
-    print(f"predictions for {len(files) - len(bad)} image(s) (top {k}) written to {out}")
+    print(f"predictions for {len(files) - len(bad)} image(s) ({what}) written to {out}")
     return out
 
 

@@ -27,9 +27,11 @@ from matplotlib.figure import Figure  # the object API renders with Agg, no GUI 
 from matplotlib.ticker import MaxNLocator
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
+from torchmetrics.classification import MultilabelAveragePrecision, MultilabelF1Score
 from tqdm.auto import tqdm
 
 from transferkit.callbacks.fit_diagnosis import diagnose_fit
+from transferkit.data.samples import per_class_counts
 from transferkit.gallery import write_top_losses
 from transferkit.io import atomic_write_bytes
 
@@ -138,8 +140,21 @@ def collect_logits(
     return torch.cat(logits), torch.cat(labels)
 
 
-def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Loss, top-1 and (with more than 5 classes) top-5 accuracy, as ``test/...`` keys."""
+def classification_metrics(
+    logits: torch.Tensor, labels: torch.Tensor, thresholds: torch.Tensor | None = None
+) -> dict[str, float]:
+    """Loss, top-1 and (with more than 5 classes) top-5 accuracy; multi-label (2-D labels):
+    the summed BCE per image, mAP, and macro-F1 at ``thresholds``."""
+    if labels.ndim == 2:
+        y, probs = labels.long(), logits.sigmoid()
+        cut = thresholds if thresholds is not None else 0.5
+        n = labels.shape[1]
+        return {
+            "loss": float(F.binary_cross_entropy_with_logits(logits, labels.float(),
+                                                             reduction="sum") / len(logits)),
+            "map": float(MultilabelAveragePrecision(n, average="macro")(probs, y)),
+            "f1_macro": float(MultilabelF1Score(n, average="macro")((probs >= cut).long(), y)),
+        }  # fmt: skip
     out = {
         "loss": float(F.cross_entropy(logits, labels)),
         "acc": float((logits.argmax(-1) == labels).float().mean()),
@@ -229,6 +244,29 @@ def confusion_section(cm: np.ndarray, class_names: Sequence[str], png: str) -> l
     return lines
 
 
+def multilabel_section(
+    logits: torch.Tensor, labels: torch.Tensor, thresholds: torch.Tensor, class_names: Sequence[str]
+) -> list[str]:
+    """Markdown: per-class average precision, the tuned threshold, and F1 there."""
+    probs, y = logits.sigmoid(), labels.long()
+    ap = MultilabelAveragePrecision(len(class_names), average="none")(probs, y)
+    f1 = MultilabelF1Score(len(class_names), average="none")((probs >= thresholds).long(), y)
+    lines = [f"Mean average precision (mAP): {float(ap.nanmean()):.4f}.", "",
+             "| class | test images with it | average precision | threshold | F1 |",
+             "|---|---:|---:|---:|---:|"]  # fmt: skip
+    for i, name in enumerate(class_names):
+        lines.append(f"| {name} | {int(y[:, i].sum())} | {_fmt(float(ap[i]))} | "
+                     f"{float(thresholds[i]):.2f} | {_fmt(float(f1[i]))} |")  # fmt: skip
+    worst = sorted(range(len(class_names)), key=lambda i: float(ap[i]))[:3]
+    lines += [
+        "",
+        "Worst classes by average precision: "
+        + ", ".join(f"{class_names[i]} ({float(ap[i]):.2f})" for i in worst)
+        + ".",
+    ]
+    return lines
+
+
 def budget_text(b: dict[str, Any]) -> str:
     """``plan.budget`` as one line: epochs, steps, batch and where the figure came from."""
     if not b:
@@ -270,7 +308,7 @@ def render_report(
         out.append("No `metrics.csv` (choose `logger=csv`, the default, to get learning curves).")
     else:
         out += [f"![learning curves]({curves['png']})", "", curves["note"]]
-    out += ["", "## Test split: confusion matrix and per-class accuracy", ""]
+    out += ["", "## Test split: per-class results", ""]
     out += confusion or ["No test split (or `test=false`): no confusion matrix."]
     if gallery:
         out += ["", "## Test split: the worst mistakes", "", *gallery]
@@ -327,7 +365,7 @@ def write_run_report(
     out_dir = Path(cfg.paths.output_dir)
     names = list(dm.classes)
     split_counts = {
-        s: np.bincount(dm.splits[s].labels, minlength=len(names)).tolist()
+        s: per_class_counts(dm.splits[s].labels, len(names)).tolist()
         for s in ("train", "val", "test")
         if s in dm.splits
     }
@@ -343,13 +381,17 @@ def write_run_report(
             plot_learning_curves(table, out_dir / "learning_curves.png", marks)
             curves = {"png": "learning_curves.png", "note": note}
     confusion = gallery = None
-    if summary.get("test_acc") is not None:  # the model now holds the tested (best) weights
+    if summary.get("test_loss") is not None:  # the model now holds the tested (best) weights
         model.to(trainer.strategy.root_device)
         logits, labels = collect_logits(model, dm.test_dataloader(), "report: test split")
-        cm = confusion_matrix(logits.argmax(-1).numpy(), labels.numpy(), len(names))
-        plot_confusion_matrix(cm, names, out_dir / "confusion_matrix.png")
-        confusion = confusion_section(cm, names, "confusion_matrix.png")
-        gallery = write_top_losses(dm.splits["test"], logits, labels, names, out_dir, "test")
+        if model.multilabel:
+            confusion = multilabel_section(logits, labels, model.thresholds, names)
+        else:
+            cm = confusion_matrix(logits.argmax(-1).numpy(), labels.numpy(), len(names))
+            plot_confusion_matrix(cm, names, out_dir / "confusion_matrix.png")
+            confusion = confusion_section(cm, names, "confusion_matrix.png")
+        gallery = write_top_losses(dm.splits["test"], logits, labels, names, out_dir, "test",
+                                   thresholds=getattr(model, "thresholds", None))  # fmt: skip
     try:
         config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     except Exception:  # e.g. ${hydra:...} outside a Hydra app

@@ -57,5 +57,9 @@ class TTA(nn.Module):
         return [x]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self.model, "multilabel", False):  # independent sigmoids: their logit
+            p = torch.stack([self.model(v).float().sigmoid() for v in self.views(x)]).mean(0)
+            p = p.clamp(1e-7, 1 - 1e-7)
+            return p.log() - (1 - p).log()
         probs = torch.stack([self.model(v).float().softmax(-1) for v in self.views(x)])
         return probs.mean(0).clamp_min(1e-12).log()

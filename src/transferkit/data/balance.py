@@ -10,9 +10,10 @@
 - ``auto``: ``none`` when the largest class is at most ``AUTO_RATIO`` times the smallest,
   else ``AUTO_MODE`` (chosen by measurement, see the README).
 
-``data.balance_weights``: ``inverse`` (``w_c ∝ 1 / n_c``: every class weighs the same) or
-``effective`` (Cui et al., 2019: ``w_c ∝ (1 - β) / (1 - β^{n_c})``, the inverse of the
-"effective number" of samples, softer than ``inverse`` for large classes). Weights are
+``data.balance_weights``: ``inverse`` (``w_c ∝ 1 / n_c``: every class weighs the same),
+``sqrt`` (``w_c ∝ 1 / √n_c``: square-root sampling, Mahajan et al., 2018, halfway between
+the data's frequencies and uniform classes) or ``effective`` (Cui et al., 2019:
+``w_c ∝ (1 - β) / (1 - β^{n_c})``, the inverse of the "effective number" of samples). Weights are
 scaled so that the average weight per image is 1, which keeps the loss and the learning
 rate on their usual scale.
 """
@@ -25,7 +26,7 @@ import torch
 from transferkit.errors import ConfigError
 
 MODES = ("none", "weighted_loss", "sampler", "auto")
-SCHEMES = ("inverse", "effective")
+SCHEMES = ("inverse", "sqrt", "effective")
 #: Largest-to-smallest class ratio above which ``balance=auto`` balances.
 AUTO_RATIO = 3.0
 #: What ``balance=auto`` does then (README "Imbalanced classes": measured).
@@ -60,7 +61,12 @@ def class_weights(
     """One weight per class, averaging 1 over the images (``sum(w * n) == sum(n)``)."""
     n = np.asarray(per_class, dtype=np.float64)
     safe = np.maximum(n, 1.0)
-    w = 1.0 / safe if scheme == "inverse" else (1.0 - beta) / (1.0 - np.power(beta, safe))
+    if scheme == "inverse":
+        w = 1.0 / safe
+    elif scheme == "sqrt":
+        w = 1.0 / np.sqrt(safe)
+    else:
+        w = (1.0 - beta) / (1.0 - np.power(beta, safe))
     w = np.where(n > 0, w, 0.0)
     return w * n.sum() / max((w * n).sum(), 1e-12)
 

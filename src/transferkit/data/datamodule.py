@@ -42,7 +42,10 @@ from transferkit.data.order import (
 from transferkit.data.samples import (
     Samples,
     interleave_classes,
+    label_of,
     limit_per_class,
+    per_class_counts,
+    strata,
     stratified_split,
 )
 from transferkit.data.transforms import build_transform
@@ -73,9 +76,9 @@ class ImageDataset(Dataset):
         epoch, i = untag(index, len(self.samples))
         image = self.samples.load(i)
         if self.seed is None:
-            return self.transform(image), int(self.samples.labels[i])
+            return self.transform(image), label_of(self.samples.labels, i)
         with seeded(sample_seed(self.seed, epoch, i)):
-            return self.transform(image), int(self.samples.labels[i])
+            return self.transform(image), label_of(self.samples.labels, i)
 
 
 class DecodedDataset(Dataset):
@@ -100,7 +103,7 @@ class DecodedDataset(Dataset):
         for i in tqdm(range(len(samples)), desc=desc, leave=False, mininterval=1.0):
             preemption.check()  # a stop request ends decoding within one image
             self.images[i] = torch.from_numpy(np.array(pre(samples.load(i)))).permute(2, 0, 1)
-        self.labels = torch.as_tensor(samples.labels)
+        self.labels = samples.labels
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -108,7 +111,7 @@ class DecodedDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         i = index % len(self.labels)  # epoch-tagged by the training sampler
         x = self.images[i].float().div_(255.0)
-        return (x - self.mean) / self.std, int(self.labels[i])
+        return (x - self.mean) / self.std, label_of(self.labels, i)
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -214,7 +217,9 @@ class ImageDataModule(L.LightningDataModule):
             0.0 if "test" in given else self.test_fraction,
         ]
         if any(fractions):
-            rest, val_idx, test_idx = stratified_split(train.labels, fractions, self.seed, classes)
+            names = [*classes, "(no class)"]  # multi-label images without one: their own stratum
+            rest, val_idx, test_idx = stratified_split(strata(train.labels), fractions, self.seed,
+                                                       names)  # fmt: skip
             splits = {"train": train.subset(rest)}
             if "val" not in given:
                 splits["val"] = train.subset(val_idx)
@@ -224,14 +229,26 @@ class ImageDataModule(L.LightningDataModule):
             splits = {"train": train}
         splits.update({k: v for k, v in given.items() if k != "train"})
         if self.limit is not None:
+            if train.labels.ndim == 2:
+                raise ConfigError(
+                    "data.limit_per_class needs one class per image; with multi-label data "
+                    "leave it null."
+                )
             splits["train"] = splits["train"].subset(
                 limit_per_class(splits["train"].labels, self.limit, self.seed, len(classes))
             )
         for name in ("val", "test"):  # classes take turns: any prefix of a split is stratified
             if len(splits.get(name, ())):
-                splits[name] = splits[name].subset(interleave_classes(splits[name].labels))
+                splits[name] = splits[name].subset(interleave_classes(strata(splits[name].labels)))
         self.classes, self.splits = classes, splits
-        self.balance_mode = resolve_mode(self.balance, self.per_class())
+        if self.multilabel and self.balance not in ("none", "auto"):
+            raise ConfigError(
+                f"data.balance={self.balance} weighs one class per image; multi-label data "
+                "takes data.balance=none (its loss weighs every class on its own)."
+            )
+        self.balance_mode = "none" if self.multilabel else resolve_mode(
+            self.balance, self.per_class()
+        )  # fmt: skip
         log.info(
             "data: %d classes; train %d, val %d, test %d images",
             len(classes),
@@ -242,15 +259,20 @@ class ImageDataModule(L.LightningDataModule):
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def multilabel(self) -> bool:
+        """Images have sets of classes (``task=multilabel``): labels are 0/1 per class."""
+        return self.splits["train"].labels.ndim == 2
+
     def per_class(self) -> np.ndarray:
-        """Training images per class."""
-        return np.bincount(self.splits["train"].labels, minlength=self.num_classes)
+        """Training images per class (multi-label: images that have it)."""
+        return per_class_counts(self.splits["train"].labels, self.num_classes)
 
     def counts(self) -> dict[str, int]:
         """Training-set counts the fine-tuning policy uses."""
         per_class = self.per_class()
         return {
-            "train_size": int(per_class.sum()),
+            "train_size": len(self.splits["train"]),
             "min_per_class": int(per_class.min()),
             "median_per_class": int(np.median(per_class)),
             "max_per_class": int(per_class.max()),

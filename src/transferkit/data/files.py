@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from transferkit import preemption
-from transferkit.data.samples import BadImageError, Samples, read_rgb
+from transferkit.data.samples import BadImageError, Samples, per_class_counts, read_rgb
 from transferkit.errors import ConfigError, DataError, NotFoundError
 
 log = logging.getLogger(__name__)
@@ -88,8 +88,9 @@ def _check_file(f: Path) -> None:
     read_rgb(f)
 
 
-def read_files(entries: Iterable[tuple[Path, int]], on_bad_image: str, skipped: Skipped) -> Samples:
-    """The entries whose file decodes to an image (a missing file counts as a bad one)."""
+def read_files(entries: Iterable[tuple[Path, Any]], on_bad_image: str, skipped: Skipped) -> Samples:
+    """The entries whose file decodes to an image (a missing file counts as a bad one).
+    Labels are class indices, or (multi-label) 0/1 rows."""
     entries = list(entries)
     files = [f for f, _ in entries]
     kept = readable(files, _check_file, on_bad_image, skipped)
@@ -126,7 +127,7 @@ def check_splits(
     for s in ("val", "test"):
         if s in splits and not len(splits[s]):
             raise DataError(empty_split(s))
-    per_class = np.bincount(splits["train"].labels, minlength=len(classes))
+    per_class = per_class_counts(splits["train"].labels, len(classes))
     if np.count_nonzero(per_class) < 2:
         present = [classes[int(i)] for i in np.flatnonzero(per_class)]
         raise DataError(

@@ -113,7 +113,7 @@ class HFDataModule(ImageDataModule):
             split names to paths).
         image_column: the column of images.
         label_column: the column of labels (``ClassLabel`` names are kept; other values
-            become class names).
+            become class names); a sequence of labels per image makes it multi-label.
         on_bad_image: ``skip`` images that do not decode (counted) or ``fail``.
         **kwargs: see :class:`ImageDataModule`.
     """
@@ -153,12 +153,27 @@ class HFDataModule(ImageDataModule):
                         f"{ds.column_names}."
                     )
         feature = parts["train"].features[self.label_column]
-        named = isinstance(feature, datasets.ClassLabel)
-        labels = {s: [feature.names[v] if named else str(v) for v in ds[self.label_column]]
-                  for s, ds in parts.items()}  # fmt: skip
-        found_classes = {s: set(v) for s, v in labels.items()}
-        classes = list(feature.names) if named else check_split_classes(source, found_classes, "")
+        inner = getattr(feature, "feature", None)  # a sequence of labels: multi-label
+        multilabel = inner is not None
+        names: Any = inner if multilabel else feature
+        named = isinstance(names, datasets.ClassLabel)
+
+        def label_set(value: Any) -> list[str]:
+            values = value if multilabel else [value]
+            return [names.names[v] if named else str(v) for v in values]
+
+        labels = {s: [label_set(v) for v in ds[self.label_column]] for s, ds in parts.items()}
+        found_classes = {s: {c for v in sets for c in v} for s, sets in labels.items()}
+        classes = list(names.names) if named else check_split_classes(source, found_classes, "")
         index = {c: i for i, c in enumerate(classes)}
+
+        def target(chosen: list[str]) -> Any:
+            if not multilabel:
+                return index[chosen[0]]
+            row = np.zeros(len(classes), dtype=np.int64)
+            row[[index[c] for c in chosen]] = 1
+            return row
+
         skipped = Skipped()
         splits = {}
         for s, ds in parts.items():
@@ -169,7 +184,9 @@ class HFDataModule(ImageDataModule):
                                  skipped),
                 dtype=np.int64,
             )  # fmt: skip
-            y = np.asarray([index[labels[s][i]] for i in kept], dtype=np.int64)
+            y = np.asarray([target(labels[s][i]) for i in kept], dtype=np.int64)
+            if multilabel and not len(kept):
+                y = y.reshape(0, len(classes))
             splits[s] = Samples(labels=y, records=records.take(kept))
         skipped.log(self.path)
         check_splits(source, classes, splits, lambda s: (

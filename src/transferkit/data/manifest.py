@@ -13,6 +13,8 @@ import csv
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from transferkit.data.datamodule import ImageDataModule
 from transferkit.data.files import (
     Skipped,
@@ -74,6 +76,7 @@ def read_manifest(
     path_template: str | None = None,
     delimiter: str | None = None,
     on_bad_image: str = "skip",
+    label_separator: str | None = None,
 ) -> tuple[list[str], dict[str, Samples]]:
     """Class names and the splits a manifest gives (``train``, and ``val``/``test`` when it
     has a split column that uses them).
@@ -109,17 +112,26 @@ def read_manifest(
                 f"{sorted(SPLIT_VALUES)}."
             )
         splits_of.append(SPLIT_VALUES[split])
+    sets = [_label_set(v, label_separator) for v in labels]
     found: dict[str, set[str]] = {}
-    for split, label in zip(splits_of, labels, strict=True):
-        found.setdefault(split, set()).add(label)
+    for split, names in zip(splits_of, sets, strict=True):
+        found.setdefault(split, set()).update(names)
     if "train" not in found:
         raise DataError(f"{source}: no row has {split_column}=train; add training rows.")
     classes = check_split_classes(source, found, " rows")
     index = {c: i for i, c in enumerate(classes)}
+
+    def target(names: list[str]) -> Any:
+        if label_separator is None:
+            return index[names[0]]
+        row = np.zeros(len(classes), dtype=np.int64)  # multi-label: 0/1 per class
+        row[[index[n] for n in names]] = 1
+        return row
+
     skipped = Skipped()
     splits: dict[str, Samples] = {
         split: read_files(
-            [(f, index[lab]) for f, lab, s in zip(files, labels, splits_of, strict=True)
+            [(f, target(names)) for f, names, s in zip(files, sets, splits_of, strict=True)
              if s == split],
             on_bad_image,
             skipped,
@@ -133,6 +145,13 @@ def read_manifest(
         f"{s} rows (data.{s}_fraction then takes the {s} split from train)."
     ))  # fmt: skip
     return classes, splits
+
+
+def _label_set(value: str, separator: str | None) -> list[str]:
+    """The class of a row, or (``separator`` set: multi-label) its classes."""
+    if separator is None:
+        return [value]
+    return sorted({v.strip() for v in value.split(separator) if v.strip()})
 
 
 def _file_of(row: dict[str, str], column: str, template: str | None, source: str, line: int) -> str:
@@ -163,6 +182,8 @@ class CSVDataModule(ImageDataModule):
             columns (``train/{id}.jpg``).
         delimiter: ``,``, ``\\t``, ``;``; None: ``.tsv`` files tab, others detected.
         on_bad_image: ``skip`` unreadable or missing files (counted in the log) or ``fail``.
+        label_separator: multi-label (``task=multilabel``): the label column lists the
+            image's classes, separated by this (``" "``, ``"|"``, ``";"``).
         **kwargs: see :class:`ImageDataModule`.
     """
 
@@ -175,13 +196,15 @@ class CSVDataModule(ImageDataModule):
         path_template: str | None = None,
         delimiter: str | None = None,
         on_bad_image: str = "skip",
+        label_separator: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.manifest = manifest
         self.options = dict(path_column=path_column, label_column=label_column,
                             split_column=split_column, path_template=path_template,
-                            delimiter=delimiter, on_bad_image=on_bad_image)  # fmt: skip
+                            delimiter=delimiter, on_bad_image=on_bad_image,
+                            label_separator=label_separator)  # fmt: skip
 
     def load_source(self) -> tuple[list[str], dict[str, Samples]]:
         return read_manifest(self.manifest, **self.options)  # type: ignore[arg-type]

@@ -6,9 +6,10 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
 
 import numpy as np
+import torch
 from PIL import Image
 
 from transferkit.errors import ConfigError, DataError
@@ -108,6 +109,33 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def label_of(labels: np.ndarray, i: int) -> Any:
+    """The i-th label as a batchable value: an ``int`` class, or (multi-label, a 2-D
+    ``labels`` of 0/1 per class) a float tensor."""
+    if labels.ndim == 1:
+        return int(labels[i])
+    return torch.from_numpy(np.asarray(labels[i], dtype=np.float32))
+
+
+def per_class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Images per class (multi-label: images that have the class)."""
+    if labels.ndim == 1:
+        return np.bincount(labels, minlength=num_classes)
+    return np.asarray(labels, dtype=np.int64).sum(0)
+
+
+def strata(labels: np.ndarray) -> np.ndarray:
+    """One class per image to stratify by: its class, or (multi-label) its rarest class,
+    so that rare classes are spread over the splits; images without one form the last."""
+    if labels.ndim == 1:
+        return labels
+    counts = labels.sum(0).astype(np.float64)
+    rarity = np.where(labels > 0, counts[None, :], np.inf)
+    key = rarity.argmin(1)
+    key[~(labels > 0).any(1)] = labels.shape[1]
+    return key
+
+
 def stratified_split(
     labels: np.ndarray, fractions: Sequence[float], seed: int, class_names: Sequence[str]
 ) -> list[np.ndarray]:
@@ -123,6 +151,8 @@ def stratified_split(
     parts: list[list[np.ndarray]] = [[] for _ in range(len(fractions) + 1)]
     for c in range(len(class_names)):
         idx = np.flatnonzero(labels == c)
+        if not len(idx):  # a stratum without images (multi-label's "no class", say)
+            continue
         idx = idx[rng.permutation(len(idx))]
         sizes = [max(1, round(len(idx) * f)) if f > 0 else 0 for f in fractions]
         if sum(sizes) >= len(idx):

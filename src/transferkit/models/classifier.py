@@ -16,7 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 from timm.data import resolve_data_config
 from torch import nn
 from torch.optim import Optimizer
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import Metric
+from torchmetrics.classification import MulticlassAccuracy, MultilabelAccuracy
 
 from transferkit.data.transforms import BatchMixup
 from transferkit.errors import ConfigError
@@ -29,6 +30,8 @@ from transferkit.models.finetuning import (
     trainable_names,
 )
 from transferkit.models.metrics import eval_metrics
+from transferkit.models.multilabel import check_loss, multilabel_loss
+from transferkit.models.multilabel import eval_metrics as multilabel_metrics
 from transferkit.models.norms import convert_backbone_norm
 from transferkit.policy import Plan
 
@@ -64,6 +67,9 @@ class ImageClassifier(L.LightningModule):
             targets smoothed by ``label_smoothing``); ``None``: off.
         channels_last: keep the backbone and its inputs in NHWC memory format.
         compile: ``torch.compile`` the backbone (in place, so checkpoints are unchanged).
+        task: ``multiclass`` (one class per image, softmax) or ``multilabel`` (a set of
+            classes per image, sigmoids: see ``transferkit.models.multilabel``).
+        multilabel_loss: ``bce`` or ``asl`` (asymmetric loss), for ``multilabel``.
         optimizer: ``functools.partial`` of a torch optimizer (gets the parameter groups).
         scheduler: Hydra scheduler node ``{scheduler: partial, interval, monitor}``.
         plan: the fine-tuning plan (default: everything trains).
@@ -89,6 +95,8 @@ class ImageClassifier(L.LightningModule):
         mixup: Mapping[str, Any] | None = None,
         channels_last: bool = False,
         compile: bool = False,
+        task: str = "multiclass",
+        multilabel_loss: str = "bce",
         optimizer: Callable[..., Optimizer] | None = None,
         scheduler: Mapping[str, Any] | None = None,
         plan: Plan | None = None,
@@ -104,6 +112,16 @@ class ImageClassifier(L.LightningModule):
             if len(class_names) != num_classes:
                 raise ConfigError(
                     f"{len(class_names)} class names given for num_classes={num_classes}."
+                )
+        if task not in ("multiclass", "multilabel"):
+            raise ConfigError(f"task={task!r}; choose multiclass or multilabel.")
+        if task == "multilabel":
+            check_loss(multilabel_loss)
+            if mixup is not None or label_smoothing:
+                raise ConfigError(
+                    "task=multilabel takes neither mixup nor label smoothing (they mix or "
+                    "smooth one class per image): use augment=none|light|strong|cutout and "
+                    "regularization.label_smoothing=0."
                 )
         if l1_scope not in ("head", "weights", "all"):
             raise ConfigError(f"l1_scope={l1_scope!r}; choose 'head', 'weights' or 'all'.")
@@ -140,9 +158,18 @@ class ImageClassifier(L.LightningModule):
             "image_size": image_size,
             "crop_pct": crop_pct,
         }
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_metrics = eval_metrics(num_classes, "val")
-        self.test_metrics = eval_metrics(num_classes, "test")
+        self.multilabel = task == "multilabel"
+        self.train_acc: Metric
+        if self.multilabel:
+            self.train_acc = MultilabelAccuracy(num_classes, average="micro")
+            self.val_metrics = multilabel_metrics(num_classes, "val")
+            self.test_metrics = multilabel_metrics(num_classes, "test")
+            # per-class decision thresholds, tuned on the validation split after training
+            self.register_buffer("thresholds", torch.full((num_classes,), 0.5))
+        else:
+            self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+            self.val_metrics = eval_metrics(num_classes, "val")
+            self.test_metrics = eval_metrics(num_classes, "test")
         # data.balance=weighted_loss: per-class weights of the training loss (not saved:
         # they follow from the data, and inference does not need them)
         self.register_buffer("class_weights", None, persistent=False)
@@ -225,6 +252,8 @@ class ImageClassifier(L.LightningModule):
         )  # fmt: skip
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.multilabel:
+            return multilabel_loss(logits, y, self.hparams["multilabel_loss"])
         w = self.class_weights
         if y.ndim == 2:  # soft targets (mixup / cutmix, label smoothing already inside)
             per_class = -y * F.log_softmax(logits, dim=-1)
@@ -242,7 +271,7 @@ class ImageClassifier(L.LightningModule):
             l1 = self.hparams["l1"] * self.l1_penalty()
             self.log("train/l1", l1, on_step=False, on_epoch=True, sync_dist=True)
             loss = loss + l1
-        hard = y.argmax(-1) if y.ndim == 2 else y
+        hard = y if self.multilabel else y.argmax(-1) if y.ndim == 2 else y
         self.train_acc.update(logits, hard)  # batch values are not needed: no extra compute
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
@@ -250,11 +279,24 @@ class ImageClassifier(L.LightningModule):
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
         x, y = batch
         logits = self._logits(x)
-        self.log(f"{stage}/loss", F.cross_entropy(logits, y), prog_bar=True, sync_dist=True)
         metrics = getattr(self, f"{stage}_metrics")
-        metrics.update(logits, y)
+        if self.multilabel:
+            self.log(f"{stage}/loss", multilabel_loss(logits, y), prog_bar=True, sync_dist=True)
+            metrics[f"{stage}/map"].update(logits, y.long())
+            metrics[f"{stage}/f1_macro"].update(self.decide(logits), y.long())
+        else:
+            self.log(f"{stage}/loss", F.cross_entropy(logits, y), prog_bar=True, sync_dist=True)
+            metrics.update(logits, y)
         for name, metric in metrics.items():  # prefixed names; shared states copied across
-            self.log(name, metric, prog_bar=name == f"{stage}/acc")
+            self.log(name, metric, prog_bar=name in (f"{stage}/acc", f"{stage}/map"))
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Class probabilities: softmax, or (multi-label) independent sigmoids."""
+        return logits.sigmoid() if self.multilabel else logits.softmax(-1)
+
+    def decide(self, logits: torch.Tensor) -> torch.Tensor:
+        """Multi-label: 0/1 per class, each at its threshold."""
+        return (logits.sigmoid() >= self.thresholds).long()  # type: ignore[operator]
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -264,7 +306,7 @@ class ImageClassifier(L.LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        return self(x).softmax(-1)
+        return self.probabilities(self(x))
 
     # -- optimisation -------------------------------------------------------------------
     def configure_callbacks(self) -> list[L.Callback]:
