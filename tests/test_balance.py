@@ -16,7 +16,7 @@ from .conftest import tiny_overrides, write_images
 SIZES = np.array([400, 100, 20, 4])
 
 
-@pytest.mark.parametrize("scheme", ["inverse", "effective"])
+@pytest.mark.parametrize("scheme", ["inverse", "sqrt", "effective"])
 def test_class_weights_keep_the_average_weight_per_image_at_one(scheme):
     w = class_weights(SIZES, scheme, beta=0.99)
     assert (w * SIZES).sum() == pytest.approx(SIZES.sum())
@@ -29,7 +29,7 @@ def test_class_weights_keep_the_average_weight_per_image_at_one(scheme):
 
 def test_auto_balances_past_three_to_one():
     assert imbalance_ratio(SIZES) == 100
-    assert resolve_mode("auto", SIZES) == "sampler"
+    assert resolve_mode("auto", SIZES) == "weighted_loss"
     assert resolve_mode("auto", np.array([10, 10, 4])) == "none"
     assert resolve_mode("weighted_loss", np.array([10, 10])) == "weighted_loss"
 
@@ -59,7 +59,7 @@ def _imbalanced(tmp_path, make_cfg, *extra):
 
 
 def test_an_imbalanced_run_balances_and_monitors_macro_f1(tmp_path, make_cfg):
-    summary, objects = _imbalanced(tmp_path, make_cfg)
+    summary, objects = _imbalanced(tmp_path, make_cfg, "data.balance=sampler")
     assert summary["balance"] == "sampler" and summary["objective"]["name"] == "val/f1_macro"
     assert "smallest class 3, 9:1 imbalance" in summary["plan"]["reason"]
     assert 0 <= summary["test_f1_macro"] <= 1 and 0 <= summary["test_balanced_acc"] <= 1
@@ -70,7 +70,8 @@ def test_an_imbalanced_run_balances_and_monitors_macro_f1(tmp_path, make_cfg):
 
 
 def test_weighted_loss_weighs_the_loss_by_class(tmp_path, make_cfg):
-    _, objects = _imbalanced(tmp_path, make_cfg, "data.balance=weighted_loss")
+    summary, objects = _imbalanced(tmp_path, make_cfg)  # balance=auto: the weighted loss
+    assert summary["balance"] == "weighted_loss"
     model = objects["model"]
     w = model.class_weights
     assert w is not None and w[2] > w[1] > w[0]

@@ -412,7 +412,10 @@ def _write_summary(out_dir: Path, summary: dict[str, Any]) -> None:
     ]  # fmt: skip
     objective = summary["objective"]
     rows.insert(8, (f"best {objective['name']}", objective["value"]))
-    if objective["name"] != "val/acc":
+    if summary["task"] == "multilabel":
+        rows[9] = ("test_map", summary.get("test_map"))
+        rows.insert(10, ("test_f1_macro", summary.get("test_f1_macro")))
+    elif objective["name"] != "val/acc":
         rows.insert(10, ("test_f1_macro", summary.get("test_f1_macro")))
     rows.insert(0, ("plan", summary["plan"]["reason"]))
     width = max(len(k) for k, _ in rows)

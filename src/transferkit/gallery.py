@@ -64,6 +64,7 @@ def _rows(
                 "predicted": " ".join(names[c] for c in chosen.nonzero().flatten().tolist()),
                 "p_predicted": round(float(probs[worst]), 4) if worst is not None else "",
                 "p_true": "",
+                "worst": names[worst] if worst is not None else "",  # its most confident error
             }
         else:
             probs = logits[i].softmax(-1)
@@ -97,13 +98,17 @@ def write_top_losses(
     cols = math.ceil(math.sqrt(len(rows)))
     lines = math.ceil(len(rows) / cols)
     fig = Figure(figsize=(2.3 * cols, 2.6 * lines), layout="constrained")
-    fig.suptitle(f"{title}: the {len(rows)} highest losses (true / predicted, probability)")
+    what = ("true / predicted labels; the most confident wrong one" if labels.ndim == 2
+            else "true / predicted, probability")  # fmt: skip
+    fig.suptitle(f"{title}: the {len(rows)} highest losses ({what})")
     for n, row in enumerate(rows):
         ax = fig.add_subplot(lines, cols, n + 1)
         image = np.asarray(samples.load(int(row["index"])))  # type: ignore[call-overload]
         ax.imshow(image, interpolation="nearest" if max(image.shape[:2]) < 96 else "antialiased")
         p = row["p_predicted"]
         chance = f"p={p:.2f}  " if isinstance(p, float) else ""
+        if row.get("worst"):  # multi-label: which decision was most confidently wrong
+            chance = f"{row['worst']} p={p:.2f}  "
         ax.set_title(f"{row['true'] or '-'} / {row['predicted'] or '-'}\n{chance}"
                      f"loss {row['loss']:.2f}", fontsize=9, color="firebrick")  # fmt: skip
         ax.set_xticks([])

@@ -29,8 +29,11 @@ MODES = ("none", "weighted_loss", "sampler", "auto")
 SCHEMES = ("inverse", "sqrt", "effective")
 #: Largest-to-smallest class ratio above which ``balance=auto`` balances.
 AUTO_RATIO = 3.0
-#: What ``balance=auto`` does then (README "Imbalanced classes": measured).
-AUTO_MODE = "sampler"
+#: What ``balance=auto`` does then. Measured on Animal-MNIST made 100:1 imbalanced (3 seeds,
+#: README "Imbalanced classes"): the weighted loss raised test macro-F1 from 0.879 to 0.906;
+#: the sampler did not (0.869 inverse, 0.883 sqrt, 0.862 effective weights: it repeats the
+#: rare images until the model overfits them).
+AUTO_MODE = "weighted_loss"
 
 
 def check_balance(mode: str, scheme: str, beta: float) -> None:
