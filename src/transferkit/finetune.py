@@ -81,16 +81,20 @@ def check_trainer_settings(trainer_cfg: dict[str, Any]) -> None:
         )
 
 
-def _tune_thresholds(model: Any, fit_dm: Any, best_path: str, out_dir: Path) -> None:
+def _tune_thresholds(model: Any, fit_dm: Any, best_path: str, out_dir: Path, trainer: Any) -> None:
     """Multi-label: with the best checkpoint's weights, the per-class thresholds of best F1
-    on the validation split, written into the checkpoints (test and later loads use them)."""
+    on the validation split, written into the checkpoints (test and later loads use them).
+    Every rank computes the same thresholds over the whole split; rank zero writes them,
+    and the others wait for it before testing reads the checkpoint."""
     model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)
                           ["state_dict"])  # fmt: skip
     probs, targets = validation_probabilities(model, fit_dm.val_dataloader())
     thresholds = tune_thresholds(probs, targets)
     model.thresholds.copy_(thresholds)
     last = out_dir / "checkpoints" / "last.ckpt"
-    store_thresholds([best_path, *([last] if last.is_file() else [])], thresholds)
+    if trainer.is_global_zero:
+        store_thresholds([best_path, *([last] if last.is_file() else [])], thresholds)
+    trainer.strategy.barrier("multilabel thresholds")
     log.info("multi-label thresholds tuned on the validation split: %s",
              ", ".join(f"{t:.2f}" for t in thresholds.tolist()))  # fmt: skip
 
@@ -338,7 +342,7 @@ def finetune(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     best_path = getattr(checkpoint, "best_model_path", "") or None
     best_score = getattr(checkpoint, "best_model_score", None)
     if model.multilabel and best_path and len(dm.splits.get("val", ())):
-        _tune_thresholds(model, fit_dm, best_path, out_dir)
+        _tune_thresholds(model, fit_dm, best_path, out_dir, trainer)
     test_metrics: dict[str, float] = {}
     if cfg.get("test", True) and len(dm.splits.get("test", ())):
         results = trainer.test(model, datamodule=fit_dm, ckpt_path=best_path, verbose=False)
