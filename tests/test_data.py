@@ -6,7 +6,12 @@ from PIL import Image
 from transferkit.data import AnimalMNISTDataModule, ImageFolderDataModule
 from transferkit.data.animal_mnist import CLASSES, load_animal_mnist
 from transferkit.data.image_folder import scan_image_folder
-from transferkit.data.samples import interleave_classes, limit_per_class, stratified_split
+from transferkit.data.samples import (
+    interleave_classes,
+    limit_per_class,
+    strata,
+    stratified_split,
+)
 from transferkit.data.transforms import Cutout
 
 from .conftest import write_images
@@ -29,6 +34,28 @@ def test_split_with_too_few_images_names_the_class():
     labels = np.array([0] * 20 + [1] * 2)
     with pytest.raises(ValueError, match=r"class 'rare' has 2 image\(s\).*val_fraction"):
         stratified_split(labels, [0.1, 0.1], seed=0, class_names=["common", "rare"])
+
+
+def test_multilabel_strata_pool_small_groups_so_any_label_set_splits():
+    names = ["a", "b", "c", "d", "(pooled rare label sets)"]
+    # class 2 is on 60 images but the rarest class of only 2 of them (class 3, on 58, is
+    # rarer on the rest): grouped alone, those 2 cannot give a validation and a test image
+    labels = np.zeros((200, 4), np.int64)
+    labels[:100, 0] = labels[100:, 1] = labels[140:, 2] = labels[140:198, 3] = 1
+    groups = strata(labels)
+    alone = np.where(np.arange(200) >= 198, 2, groups)  # the rarest class, not pooled
+    with pytest.raises(ValueError, match=r"class 'c' has 2 image"):
+        stratified_split(alone, [0.1, 0.1], seed=0, class_names=names)
+    assert (groups[198:] == 0).all()  # the pool of 2 was merged into the largest group
+    assert sorted(set(groups.tolist())) == [0, 1, 3]
+    val = stratified_split(groups, [0.1, 0.1], seed=0, class_names=names)[1]
+    assert labels[val].sum(0).min() > 0  # every class in the validation split
+    # two groups of 6 (classes 2 and 3 alone) pool into one group of 12, which splits
+    labels = np.zeros((212, 4), np.int64)
+    labels[:100, 0] = labels[100:200, 1] = labels[200:206, 2] = labels[206:, 3] = 1
+    groups = strata(labels)
+    assert (groups[200:] == 4).all() and np.bincount(groups).tolist() == [100, 100, 0, 0, 12]
+    stratified_split(groups, [0.1, 0.1], seed=0, class_names=names)
 
 
 def test_limit_per_class():

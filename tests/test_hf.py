@@ -98,3 +98,51 @@ def test_without_the_package_the_error_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_datasets)
     with pytest.raises(MissingPackageError, match=r"transferkit\[hf\].*data=csv"):
         HFDataModule(str(tmp_path)).setup()
+
+
+def test_a_data_files_mapping_gives_the_splits(tmp_path, make_cfg):
+    _dataset(8, label_feature=False).to_parquet(str(tmp_path / "train.parquet"))
+    _dataset(3, label_feature=False).to_parquet(str(tmp_path / "test.parquet"))
+    files = f"{{train:'{tmp_path / 'train.parquet'}',test:'{tmp_path / 'test.parquet'}'}}"
+    summary, _ = _run(make_cfg, tmp_path, "data.path=parquet", f"data.data_files={files}")
+    assert (summary["train_size"], summary["val_size"], summary["test_size"]) == (21, 3, 9)
+
+
+def test_unlabelled_splits_are_left_out_and_unlabelled_training_images_refused(tmp_path, caplog):
+    from transferkit.data import HFDataModule
+    from transferkit.errors import DataError
+
+    unlabelled = _dataset(3).map(lambda row: {"animal": -1})  # as Hub test splits often are
+    datasets.DatasetDict({"train": _dataset(10), "test": unlabelled}).save_to_disk(
+        str(tmp_path / "ds"))  # fmt: skip
+    dm = HFDataModule(str(tmp_path / "ds"), image_column="img", label_column="animal",
+                      val_fraction=0.1, test_fraction=0.1)  # fmt: skip
+    dm.setup()
+    assert "test split is unlabelled (-1): left out" in caplog.text
+    assert (len(dm.splits["train"]), len(dm.splits["test"])) == (24, 3)  # test from train
+    assert set(dm.splits["test"].labels.tolist()) == {0, 1, 2}
+    half = datasets.concatenate_datasets([_dataset(10), unlabelled.select([0])])
+    datasets.DatasetDict({"train": half}).save_to_disk(str(tmp_path / "ds2"))
+    with pytest.raises(DataError, match=r"1 label\(s\) of its train split are -1"):
+        HFDataModule(str(tmp_path / "ds2"), image_column="img", label_column="animal").setup()
+
+
+def test_evaluate_every_split_of_a_hugging_face_data_set(tmp_path, make_cfg):
+    from hydra import compose, initialize_config_dir
+
+    from transferkit.evaluate import evaluate
+
+    from .conftest import CONF_DIR
+
+    splits = datasets.DatasetDict({"train": _dataset(8), "validation": _dataset(2),
+                                   "test": _dataset(3)})  # fmt: skip
+    splits.save_to_disk(str(tmp_path / "ds"))
+    _run(make_cfg, tmp_path, f"data.path={tmp_path / 'ds'}")
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("evaluate", overrides=[
+            f"ckpt={tmp_path / 'run' / 'checkpoints' / 'best.ckpt'}", "data=hf",
+            f"data.path={tmp_path / 'ds'}", "data.image_column=img",
+            "data.label_column=animal", "split=all",
+            f"paths.output_dir={tmp_path / 'e'}"])  # fmt: skip
+    result = evaluate(cfg)
+    assert result["images"] == 39 and sum(map(sum, result["confusion_matrix"])) == 39

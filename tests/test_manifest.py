@@ -91,3 +91,17 @@ def test_bad_split_values_and_differing_classes(tmp_path):
     path.write_text(rows.replace(",dev", ",train"))
     with pytest.raises(DataError, match=r"test rows has 'Cat' \(train rows has 'cat'\)"):
         read_manifest(path, split_column="split")
+
+
+def test_short_rows_and_empty_classes_name_their_line(tmp_path):
+    path = _manifest(tmp_path)
+    good = path.read_text()
+    path.write_text(good + "images/ant/000.png\n")  # line 32: no label field at all
+    with pytest.raises(DataError, match=r"line\(s\) \[32\] have fewer fields than the header"):
+        read_manifest(path)
+    path.write_text(good + "images/ant/000.png,\n")  # an empty class is not a class named ""
+    with pytest.raises(DataError, match=r"line 32: the 'label' column is empty"):
+        read_manifest(path)
+    # multi-label: an empty cell is an image with none of the classes, which is allowed
+    classes, splits = read_manifest(path, label_separator=" ")
+    assert classes == CLASSES and splits["train"].labels[-1].tolist() == [0, 0, 0]

@@ -135,7 +135,7 @@ class ImageDataModule(L.LightningDataModule):
         decode_budget_gb: memory allowed for decoded images.
         balance: ``none``, ``weighted_loss``, ``sampler`` or ``auto`` (see
             ``transferkit.data.balance``).
-        balance_weights: ``inverse`` or ``effective`` class weights.
+        balance_weights: ``inverse``, ``sqrt`` or ``effective`` class weights.
         effective_beta: β of the effective number of samples.
     """
 
@@ -217,7 +217,7 @@ class ImageDataModule(L.LightningDataModule):
             0.0 if "test" in given else self.test_fraction,
         ]
         if any(fractions):
-            names = [*classes, "(no class)"]  # multi-label images without one: their own stratum
+            names = [*classes, "(pooled rare label sets)"]  # multi-label: see strata()
             rest, val_idx, test_idx = stratified_split(strata(train.labels), fractions, self.seed,
                                                        names)  # fmt: skip
             splits = {"train": train.subset(rest)}

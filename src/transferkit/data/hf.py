@@ -13,18 +13,22 @@ encoded in the data set and are decoded on access, with the same checks as image
 from __future__ import annotations
 
 import io
+import logging
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from transferkit.data.datamodule import ImageDataModule
 from transferkit.data.files import Skipped, check_on_bad_image, check_split_classes, check_splits
 from transferkit.data.files import readable as readable_indices
 from transferkit.data.samples import Samples, read_rgb
-from transferkit.errors import ConfigError, MissingPackageError, NotFoundError
+from transferkit.errors import ConfigError, DataError, MissingPackageError, NotFoundError
+
+log = logging.getLogger(__name__)
 
 #: The data set's split names each of ours is looked up under, in order.
 SPLIT_NAMES = {"train": ("train",), "val": ("validation", "val", "valid", "dev"),
@@ -132,6 +136,8 @@ class HFDataModule(ImageDataModule):
         super().__init__(**kwargs)
         check_on_bad_image(on_bad_image)
         self.path, self.image_column, self.label_column = str(path), image_column, label_column
+        if isinstance(data_files, (DictConfig, ListConfig)):  # datasets wants plain containers
+            data_files = OmegaConf.to_container(data_files, resolve=True)
         self.load_options = {"name": name, "data_dir": data_dir, "data_files": data_files}
         self.on_bad_image = on_bad_image
 
@@ -162,6 +168,19 @@ class HFDataModule(ImageDataModule):
             values = value if multilabel else [value]
             return [names.names[v] if named else str(v) for v in values]
 
+        for s in list(parts):  # a split whose labels are -1 (unlabelled, as on many Hubs)
+            values = parts[s][self.label_column]
+            flat = [x for v in values for x in (v if multilabel else [v])]
+            missing = sum(1 for x in flat if isinstance(x, int) and x < 0)
+            if missing and (s == "train" or missing < len(flat)):
+                raise DataError(
+                    f"{source}: {missing} label(s) of its {s} split are -1 (no label). Give "
+                    "every image a label, or leave the split out."
+                )
+            if missing:
+                log.warning("%s: its %s split is unlabelled (-1): left out, taken from train "
+                            "instead", source, s)  # fmt: skip
+                del parts[s]
         labels = {s: [label_set(v) for v in ds[self.label_column]] for s, ds in parts.items()}
         found_classes = {s: {c for v in sets for c in v} for s, sets in labels.items()}
         classes = list(names.names) if named else check_split_classes(source, found_classes, "")

@@ -47,7 +47,7 @@ def read_rows(path: Path, delimiter: str | None = None) -> list[dict[str, str]]:
 
     Raises:
         NotFoundError: no such file.
-        DataError: no header or no rows, or rows with more fields than the header.
+        DataError: no header or no rows, or rows with more or fewer fields than the header.
     """
     if not path.is_file():
         raise NotFoundError(
@@ -64,6 +64,13 @@ def read_rows(path: Path, delimiter: str | None = None) -> list[dict[str, str]]:
         raise DataError(
             f"data.manifest={str(path)!r}: line(s) {ragged[:5]} have more fields than the "
             f"header {reader.fieldnames}. Quote values that contain the delimiter."
+        )
+    short = [i + 2 for i, r in enumerate(rows) if None in r.values()]  # missing fields
+    if short:
+        raise DataError(
+            f"data.manifest={str(path)!r}: line(s) {short[:5]} have fewer fields than the "
+            f"header {reader.fieldnames}. Give every row a value for each column (empty "
+            "values still need their delimiter)."
         )
     return rows
 
@@ -85,8 +92,8 @@ def read_manifest(
         NotFoundError: no manifest, or no readable image in it.
         ConfigError: a column the settings name is not in the header, or a template that
             names one that is not.
-        DataError: an unknown split value, classes that differ between the splits, or a bad
-            image with ``on_bad_image=fail``.
+        DataError: an empty class (single-label), an unknown split value, classes that
+            differ between the splits, or a bad image with ``on_bad_image=fail``.
     """
     check_on_bad_image(on_bad_image)
     path = Path(manifest).expanduser()
@@ -105,6 +112,11 @@ def read_manifest(
     for line, row in enumerate(rows, start=2):
         files.append(path.parent / _file_of(row, path_column, path_template, source, line))
         labels.append(row[label_column].strip())
+        if not labels[-1] and label_separator is None:  # multi-label: no class is a label
+            raise DataError(
+                f"{source} line {line}: the {label_column!r} column is empty. Give the "
+                "image's class, or drop the row."
+            )
         split = row[split_column].strip().lower() if split_column else "train"
         if split not in SPLIT_VALUES:
             raise DataError(

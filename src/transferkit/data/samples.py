@@ -64,6 +64,36 @@ class Samples:
         return read_rgb(self.paths[i])
 
 
+class ConcatRecords:
+    """Several :class:`Records` as one (``evaluate split=all`` of a Hugging Face data set)."""
+
+    def __init__(self, parts: Sequence[Records], where: np.ndarray | None = None) -> None:
+        self.parts = list(parts)
+        self.where = where if where is not None else np.asarray(
+            [(k, i) for k, part in enumerate(self.parts) for i in range(len(part))], np.int64
+        ).reshape(-1, 2)  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+    def take(self, index: np.ndarray) -> ConcatRecords:
+        return ConcatRecords(self.parts, self.where[index])
+
+    def open(self, i: int) -> tuple[IO[bytes] | Path, str]:
+        part, j = self.where[i]
+        return self.parts[int(part)].open(int(j))
+
+
+def concat_samples(parts: Sequence[Samples]) -> Samples:
+    """The samples of several splits as one (their pixels held the same way)."""
+    labels = np.concatenate([p.labels for p in parts])
+    if all(p.images is not None for p in parts):
+        return Samples(labels=labels, images=np.concatenate([p.images for p in parts]))
+    if all(p.records is not None for p in parts):
+        return Samples(labels=labels, records=ConcatRecords([p.records for p in parts]))  # type: ignore[misc]
+    return Samples(labels=labels, paths=[f for p in parts for f in (p.paths or [])])
+
+
 class BadImageError(DataError):
     """A file that does not decode to an image; ``kind`` is ``unreadable``, ``bomb`` or
     ``missing``."""
@@ -124,15 +154,23 @@ def per_class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return np.asarray(labels, dtype=np.int64).sum(0)
 
 
-def strata(labels: np.ndarray) -> np.ndarray:
-    """One class per image to stratify by: its class, or (multi-label) its rarest class,
-    so that rare classes are spread over the splits; images without one form the last."""
+def strata(labels: np.ndarray, min_group: int = 10) -> np.ndarray:
+    """One group per image to stratify by: its class, or (multi-label) its rarest class, so
+    that rare classes are spread over the splits. Multi-label groups smaller than
+    ``min_group`` (and images without a class) are pooled into one extra group, merged into
+    the largest when it is small itself: a group must be big enough to split."""
     if labels.ndim == 1:
         return labels
     counts = labels.sum(0).astype(np.float64)
     rarity = np.where(labels > 0, counts[None, :], np.inf)
     key = rarity.argmin(1)
-    key[~(labels > 0).any(1)] = labels.shape[1]
+    pooled = labels.shape[1]
+    key[~(labels > 0).any(1)] = pooled
+    sizes = np.bincount(key, minlength=pooled + 1)
+    key[sizes[key] < min_group] = pooled
+    sizes = np.bincount(key, minlength=pooled + 1)
+    if 0 < sizes[pooled] < min_group:
+        key[key == pooled] = int(sizes[:pooled].argmax())
     return key
 
 
