@@ -53,7 +53,8 @@ def test_a_multilabel_run_tunes_and_saves_thresholds(tiled):
     assert thresholds.shape == (10,) and not torch.all(thresholds == 0.5)  # tuned
     assert torch.equal(objects["model"].thresholds, thresholds)
     report = (base / "run" / "report.md").read_text()
-    assert "Mean average precision (mAP)" in report and "| threshold |" in report
+    assert "Mean average precision (mAP, over the classes present)" in report
+    assert "| threshold |" in report
     assert (base / "run" / "top_losses.png").stat().st_size > 5000
 
 
@@ -79,6 +80,20 @@ def test_evaluate_predict_and_export_use_the_thresholds(tiled, tmp_path):
     assert exported["max_abs_diff"] <= exported["tolerance"]
 
 
+def test_evaluate_refuses_data_labelled_another_way(tiled, tmp_path):
+    from transferkit.data.animal_mnist import CLASSES
+    from transferkit.errors import CheckpointError
+
+    from .conftest import write_images
+
+    write_images(tmp_path / "folder", CLASSES[:2], per_class=4)  # one class per image
+    ckpt = tiled[0] / "run" / "checkpoints" / "best.ckpt"
+    with pytest.raises(CheckpointError, match="gives one class per image but the checkpoint"):
+        evaluate(_cfg("evaluate", f"ckpt={ckpt}", "data=image_folder",
+                      f"data.root={tmp_path / 'folder'}", "split=all",
+                      f"paths.output_dir={tmp_path}/e"))  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("extra", "says"),
     [
@@ -87,6 +102,7 @@ def test_evaluate_predict_and_export_use_the_thresholds(tiled, tmp_path):
         (["data.limit_per_class=5"], "one class per image"),
         (["data.balance=sampler"], "data.balance=none"),
         (["task=multiclass"], "set task=multilabel"),
+        (["monitor=val/acc"], "monitor='val/acc' is not logged for this task"),
     ],
 )
 def test_what_multilabel_refuses(extra, says, tiled, tmp_path, capsys):

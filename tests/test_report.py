@@ -1,5 +1,6 @@
 """The run report: metrics.csv parsing, marks, confusion matrix, plots and report.md."""
 
+import csv
 import math
 from pathlib import Path
 
@@ -110,6 +111,12 @@ def test_finetune_writes_the_report(image_folder, tmp_path, make_cfg):
     for png in ("learning_curves.png", "confusion_matrix.png", "top_losses.png"):
         assert (out / png).stat().st_size > 5000
     assert "## Test split: the worst mistakes" in text and "![top losses](top_losses.png)" in text
+    per_class = list(csv.DictReader((out / "per_class.csv").open()))
+    assert [r["class"] for r in per_class] == ["ant", "bee", "cat"]
+    assert all(int(r["images"]) == 3 for r in per_class)
+    for r in per_class:  # recall is correct / images, and the Markdown table says the same
+        assert float(r["recall"]) == pytest.approx(int(r["correct"]) / 3, abs=1e-4)
+        assert f"| {r['class']} | 3 | {r['correct']} |" in text
 
 
 def test_top_losses_are_the_highest_losses_with_their_files(image_folder, tmp_path, make_cfg):

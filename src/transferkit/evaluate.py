@@ -24,18 +24,17 @@ from transferkit.checkpoint_io import class_index_map, load_classifier
 from transferkit.cli import CONFIG_DIR, run_cli
 from transferkit.data.datamodule import ImageDataset
 from transferkit.data.order import worker_ignores_stop_signals
-from transferkit.data.samples import Samples
+from transferkit.data.samples import Samples, concat_samples
 from transferkit.data.transforms import build_transform
-from transferkit.errors import ConfigError, DataError
+from transferkit.errors import CheckpointError, ConfigError, DataError
 from transferkit.gallery import write_top_losses
 from transferkit.io import atomic_write_bytes, write_json
 from transferkit.report import (
     classification_metrics,
     collect_logits,
     confusion_matrix,
-    confusion_section,
     multilabel_section,
-    plot_confusion_matrix,
+    write_confusion,
 )
 from transferkit.trust import TargetPolicy
 from transferkit.tta import TTA, check_tta, tta_preprocessing
@@ -72,13 +71,7 @@ def split_samples(splits: dict[str, Samples], split: str) -> Samples:
                 "split=..., or split=all for every image."
             )
         return splits[split]
-    parts = [splits[s] for s in ("train", "val", "test") if s in splits]
-    in_memory = all(p.images is not None for p in parts)
-    return Samples(
-        labels=np.concatenate([p.labels for p in parts]),
-        images=np.concatenate([p.images for p in parts]) if in_memory else None,
-        paths=None if in_memory else [f for p in parts for f in (p.paths or [])],
-    )
+    return concat_samples([splits[s] for s in ("train", "val", "test") if s in splits])
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -92,7 +85,16 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     dm.setup("test")
     label_map = class_index_map(names, dm.classes)  # the folder may hold a subset of classes
     samples = split_samples(dm.splits, cfg.split)
-    if samples.labels.ndim == 2:  # multi-label: the data's columns to the checkpoint's
+    data_multilabel = samples.labels.ndim == 2
+    if data_multilabel != model.multilabel:
+        found, trained = ("a set of classes", "one class per image") if data_multilabel else (
+            "one class", "sets of classes per image")  # fmt: skip
+        raise CheckpointError(
+            f"the data gives {found} per image but the checkpoint {cfg.ckpt} was trained on "
+            f"{trained}: evaluate it on data labelled the same way (for a CSV, "
+            "data.label_separator decides whether a label cell is a list)."
+        )
+    if data_multilabel:  # multi-label: the data's columns to the checkpoint's
         remapped = np.zeros((len(samples), len(names)), dtype=samples.labels.dtype)
         remapped[:, label_map] = samples.labels
         samples = dataclasses.replace(samples, labels=remapped)
@@ -124,8 +126,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         result["thresholds"] = thresholds.tolist()
     else:
         cm = confusion_matrix(logits.argmax(-1).numpy(), labels.numpy(), len(names))
-        plot_confusion_matrix(cm, names, out / "confusion_matrix.png")
-        lines += confusion_section(cm, names, "confusion_matrix.png")
+        lines += write_confusion(cm, names, out)
         result["confusion_matrix"] = cm.tolist()
     lines += ["", "## The worst mistakes", ""]
     lines += write_top_losses(samples, logits, labels, names, out, cfg.split,
@@ -137,7 +138,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     print(f"  {'images':<{width}}  {len(samples):,}")
     for k, v in metrics.items():
         print(f"  {k:<{width}}  {v:.4f}")
-    print(f"  written to {out}/evaluation.md (+ .json, confusion_matrix.png, top_losses.png/.csv)")
+    extra = "" if "thresholds" in result else "confusion_matrix.png, per_class.csv, "
+    print(f"  written to {out}/evaluation.md (+ .json, {extra}top_losses.png/.csv)")
     return result
 
 

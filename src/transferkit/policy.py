@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from transferkit.data.balance import AUTO_RATIO  # the ratio the plan's reason calls imbalance
 from transferkit.data.order import shard_size
 from transferkit.errors import ConfigError
 
@@ -110,9 +111,6 @@ def parse_blocks(value: Any, total: int, key: str = "finetune.trainable_blocks")
         f"0..{total} (0 = linear probe), a fraction in (0, 1), or 'all'."
     )
 
-
-#: Largest-to-smallest class ratio the plan's reason calls an imbalance.
-IMBALANCED = 3
 
 #: Epochs of a regime with neither a step budget nor ``trainer.max_epochs``.
 DEFAULT_EPOCHS = 5
@@ -291,7 +289,7 @@ def _with_reason(plan: Plan, why: str | None) -> Plan:
     counts = ""
     if c:
         smallest = f"min {c['min_per_class']:,}"
-        if c.get("max_per_class", 0) > IMBALANCED * max(1, c["min_per_class"]):
+        if c.get("max_per_class", 0) > AUTO_RATIO * max(1, c["min_per_class"]):
             ratio = c["max_per_class"] / max(1, c["min_per_class"])
             smallest = f"smallest class {c['min_per_class']:,}, {ratio:.0f}:1 imbalance"
         counts = (

@@ -27,18 +27,19 @@ from matplotlib.figure import Figure  # the object API renders with Agg, no GUI 
 from matplotlib.ticker import MaxNLocator
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
-from torchmetrics.classification import MultilabelAveragePrecision, MultilabelF1Score
+from torchmetrics.classification import MultilabelF1Score
 from tqdm.auto import tqdm
 
 from transferkit.callbacks.fit_diagnosis import diagnose_fit
 from transferkit.data.samples import per_class_counts
 from transferkit.gallery import write_top_losses
 from transferkit.io import atomic_write_bytes
+from transferkit.models.multilabel import average_precisions
 
 log = logging.getLogger(__name__)
 
 CURVE_KEYS = ("train/loss", "val/loss", "train/acc", "val/acc", "val/f1_macro",
-              "val/balanced_acc")  # fmt: skip
+              "val/balanced_acc", "val/map")  # fmt: skip
 VERSIONED = ("transferkit", "torch", "timm", "lightning", "torchmetrics", "hydra-core")
 
 
@@ -152,7 +153,7 @@ def classification_metrics(
         return {
             "loss": float(F.binary_cross_entropy_with_logits(logits, labels.float(),
                                                              reduction="sum") / len(logits)),
-            "map": float(MultilabelAveragePrecision(n, average="macro")(probs, y)),
+            "map": average_precisions(probs, y)[1],
             "f1_macro": float(MultilabelF1Score(n, average="macro")((probs >= cut).long(), y)),
         }  # fmt: skip
     out = {
@@ -228,6 +229,27 @@ def versions() -> dict[str, str]:
     return out
 
 
+def write_confusion(cm: np.ndarray, class_names: Sequence[str], out_dir: Path) -> list[str]:
+    """``confusion_matrix.png`` and ``per_class.csv`` (images, correct, recall and the class
+    most often predicted instead, per class) into ``out_dir``; the report's Markdown."""
+    plot_confusion_matrix(cm, class_names, out_dir / "confusion_matrix.png")
+    rows = per_class_rows(cm, class_names)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=["class", "images", "correct", "recall",
+                                              "confused_with"])  # fmt: skip
+    writer.writeheader()
+    for r in rows:
+        writer.writerow(
+            {
+                **{k: v for k, v in r.items() if k != "accuracy"},
+                "recall": "" if math.isnan(r["accuracy"]) else f"{r['accuracy']:.4f}",
+            }
+        )
+    atomic_write_bytes(out_dir / "per_class.csv", text.getvalue().encode())
+    lines = confusion_section(cm, class_names, "confusion_matrix.png")
+    return [*lines, "", "`per_class.csv` holds this table."]
+
+
 def confusion_section(cm: np.ndarray, class_names: Sequence[str], png: str) -> list[str]:
     """Markdown: the confusion-matrix image and the per-class accuracy table."""
     lines = [f"![confusion matrix]({png})", "",
@@ -249,15 +271,16 @@ def multilabel_section(
 ) -> list[str]:
     """Markdown: per-class average precision, the tuned threshold, and F1 there."""
     probs, y = logits.sigmoid(), labels.long()
-    ap = MultilabelAveragePrecision(len(class_names), average="none")(probs, y)
+    ap, mean_ap = average_precisions(probs, y)
     f1 = MultilabelF1Score(len(class_names), average="none")((probs >= thresholds).long(), y)
-    lines = [f"Mean average precision (mAP): {float(ap.nanmean()):.4f}.", "",
+    lines = [f"Mean average precision (mAP, over the classes present): {mean_ap:.4f}.", "",
              "| class | test images with it | average precision | threshold | F1 |",
              "|---|---:|---:|---:|---:|"]  # fmt: skip
     for i, name in enumerate(class_names):
         lines.append(f"| {name} | {int(y[:, i].sum())} | {_fmt(float(ap[i]))} | "
                      f"{float(thresholds[i]):.2f} | {_fmt(float(f1[i]))} |")  # fmt: skip
-    worst = sorted(range(len(class_names)), key=lambda i: float(ap[i]))[:3]
+    present = [i for i in range(len(class_names)) if int(y[:, i].sum())]
+    worst = sorted(present, key=lambda i: float(ap[i]))[:3]
     lines += [
         "",
         "Worst classes by average precision: "
@@ -298,11 +321,15 @@ def render_report(
     rows = [(c, *(split_counts[s][i] for s in names)) for i, c in enumerate(class_names)]
     rows.append(("**total**", *(sum(split_counts[s]) for s in names)))
     out += _table(("class", *names), rows)
-    metric_keys = ("best_val_acc", "test_acc", "test_loss", "test_acc_top5", "epochs",
-                   "global_steps", "trainable_params", "total_params", "fit_seconds",
-                   "train_images_per_second", "best_checkpoint")  # fmt: skip
+    metric_keys = ("test_acc", "test_f1_macro", "test_balanced_acc", "test_map", "test_loss",
+                   "test_acc_top5", "epochs", "global_steps", "trainable_params",
+                   "total_params", "fit_seconds", "train_images_per_second",
+                   "best_checkpoint")  # fmt: skip
+    objective = summary.get("objective") or {}
+    rows = [(f"best {objective.get('name', 'val')} (the checkpoint's)", objective.get("value"))]
+    rows += [(k, summary.get(k)) for k in metric_keys if k in summary]
     out += ["", "## Final metrics", ""]
-    out += _table(("metric", "value"), [(k, summary.get(k)) for k in metric_keys])
+    out += _table(("metric", "value"), rows)
     out += ["", "## Learning curves", ""]
     if curves is None:
         out.append("No `metrics.csv` (choose `logger=csv`, the default, to get learning curves).")
@@ -388,8 +415,7 @@ def write_run_report(
             confusion = multilabel_section(logits, labels, model.thresholds, names)
         else:
             cm = confusion_matrix(logits.argmax(-1).numpy(), labels.numpy(), len(names))
-            plot_confusion_matrix(cm, names, out_dir / "confusion_matrix.png")
-            confusion = confusion_section(cm, names, "confusion_matrix.png")
+            confusion = write_confusion(cm, names, out_dir)
         gallery = write_top_losses(dm.splits["test"], logits, labels, names, out_dir, "test",
                                    thresholds=getattr(model, "thresholds", None))  # fmt: skip
     try:

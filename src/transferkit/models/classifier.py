@@ -290,6 +290,10 @@ class ImageClassifier(L.LightningModule):
         for name, metric in metrics.items():  # prefixed names; shared states copied across
             self.log(name, metric, prog_bar=name in (f"{stage}/acc", f"{stage}/map"))
 
+    def monitorable(self) -> list[str]:
+        """The validation values this model logs, which ``monitor`` may name."""
+        return sorted(["val/loss", *(str(k) for k in self.val_metrics)])
+
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Class probabilities: softmax, or (multi-label) independent sigmoids."""
         return logits.sigmoid() if self.multilabel else logits.softmax(-1)

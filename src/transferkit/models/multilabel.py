@@ -11,14 +11,19 @@ in the checkpoint, so ``evaluate`` and ``predict`` use them.
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MultilabelAveragePrecision, MultilabelF1Score
+from torchmetrics.utilities import dim_zero_cat
 
 from transferkit.errors import ConfigError
+
+log = logging.getLogger("transferkit")
 
 LOSSES = ("bce", "asl")
 
@@ -48,11 +53,33 @@ def multilabel_loss(
     return -(loss_pos + loss_neg).sum() / len(logits)
 
 
+class MeanAveragePrecision(MultilabelAveragePrecision):
+    """mAP over the classes that have a positive image. torchmetrics' macro average counts a
+    class without any (a rare class missing from a small split, or a class the evaluated
+    data lacks) as AP 0."""
+
+    def __init__(self, num_labels: int) -> None:
+        super().__init__(num_labels, average="none")
+
+    def compute(self) -> torch.Tensor:  # type: ignore[override]
+        ap = super().compute()
+        present = dim_zero_cat(self.target).sum(0) > 0
+        return ap[present].mean() if present.any() else torch.tensor(float("nan"))
+
+
+def average_precisions(probs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Per-class AP (NaN for a class without positives) and their mean over the others."""
+    ap = MultilabelAveragePrecision(probs.shape[1], average="none")(probs, targets.long())
+    present = targets.sum(0) > 0
+    ap = torch.where(present, ap, torch.tensor(float("nan")))
+    return ap, float(ap[present].mean()) if present.any() else float("nan")
+
+
 def eval_metrics(num_classes: int, stage: str) -> MetricCollection:
-    """``{stage}/map`` (macro average precision) and ``{stage}/f1_macro`` (F1 of the
-    decisions at the thresholds, updated with 0/1 predictions)."""
+    """``{stage}/map`` (mean average precision over the classes present) and
+    ``{stage}/f1_macro`` (F1 of the decisions at the thresholds, from 0/1 predictions)."""
     return MetricCollection(
-        {"map": MultilabelAveragePrecision(num_classes, average="macro"),
+        {"map": MeanAveragePrecision(num_classes),
          "f1_macro": MultilabelF1Score(num_classes, average="macro")},
         prefix=f"{stage}/",
         compute_groups=False,
@@ -95,3 +122,46 @@ def validation_probabilities(
         targets.append(torch.as_tensor(y))
     model.train(was_training)
     return torch.cat(probs), torch.cat(targets)
+
+
+def tune_and_store_thresholds(
+    model: Any, val_loader: Any, best_path: str, out_dir: Path, trainer: Any
+) -> None:
+    """With the best checkpoint's weights, the per-class thresholds of best F1 on the
+    validation split, written into the checkpoints (testing and later loads use them).
+    Every rank computes the same thresholds over the whole split on its device; rank zero
+    writes them, and the others wait for it before testing reads the checkpoint."""
+    from transferkit.checkpoint_io import store_thresholds
+
+    model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)
+                          ["state_dict"])  # fmt: skip
+    model.to(trainer.strategy.root_device)  # Lightning's teardown left it on the CPU
+    probs, targets = validation_probabilities(model, val_loader)
+    thresholds = tune_thresholds(probs, targets)
+    model.thresholds.copy_(thresholds)
+    last = out_dir / "checkpoints" / "last.ckpt"
+    if trainer.is_global_zero:
+        store_thresholds([best_path, *([last] if last.is_file() else [])], thresholds)
+    trainer.strategy.barrier("multilabel thresholds")
+    log.info("multi-label thresholds tuned on the validation split: %s",
+             ", ".join(f"{t:.2f}" for t in thresholds.tolist()))  # fmt: skip
+
+
+def resolve_task(task: str, multilabel: bool) -> str:
+    """``task: auto`` from the labels; an explicit task must fit them.
+
+    Raises:
+        ConfigError: ``multiclass`` with sets of labels, or ``multilabel`` with one class
+            per image.
+    """
+    found = "multilabel" if multilabel else "multiclass"
+    if task == "auto":
+        return found
+    if task not in ("multiclass", "multilabel"):
+        raise ConfigError(f"task={task!r}; choose auto, multiclass or multilabel.")
+    if task != found:
+        how = ("the data gives a set of classes per image" if multilabel else
+               "the data gives one class per image (data.label_separator makes a CSV "
+               "label column a list)")  # fmt: skip
+        raise ConfigError(f"task={task} but {how}: set task={found} or task=auto.")
+    return task
