@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from transferkit.errors import ConfigError
 from transferkit.init import init
@@ -103,3 +104,6 @@ def test_init_never_overwrites(tmp_path):
     assert all(p.read_bytes() == b for p, b in before.items() if p.name != "README.md")
     with pytest.raises(ConfigError, match="--name"):
         init(tmp_path / "d", "../escape")
+    odd = "/data/my #1: images"  # YAML would cut this at " #" and refuse the ": "
+    data = init(tmp_path / "e", "odd", odd)[0]
+    assert OmegaConf.load(data).root == odd

@@ -76,5 +76,9 @@ def test_the_slurm_launcher_composes_with_ddp_and_a_sweep():
     assert cfg.trainer.strategy == "ddp" and cfg.trainer.devices == 4
     # a sweep of DDP jobs is fine there (SLURM starts the ranks), not with the local launcher
     check_multirun(cfg.trainer, multirun=True, launcher=launcher._target_)
-    with pytest.raises(ValueError, match="hydra/launcher=slurm"):
-        check_multirun(cfg.trainer, multirun=True, launcher="hydra._internal.BasicLauncher")
+    for local in (
+        "hydra._internal.BasicLauncher",
+        "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher",
+    ):
+        with pytest.raises(ValueError, match="hydra/launcher=slurm"):  # both re-launch ranks
+            check_multirun(cfg.trainer, multirun=True, launcher=local)

@@ -73,7 +73,7 @@ def check_multirun(trainer_cfg: Mapping[str, Any], multirun: bool, launcher: str
     Raises:
         ValueError: with the two ways around.
     """
-    if "submitit" in launcher:
+    if launcher.endswith("SlurmLauncher"):  # submitit's local launcher does re-launch
         return
     if multirun and relaunching_strategy(trainer_cfg):
         raise ConfigError(

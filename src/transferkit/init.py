@@ -11,6 +11,7 @@ command that runs them. Your folder is added to Hydra's search path with ``--con
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ defaults:
   - image_folder
   - _self_
 
-root: {root}
+root: {root_yaml}
 image_size: 224        # input resolution (pixels)
 batch_size: 32         # per device
 val_fraction: 0.1      # used when there is no val/ folder
@@ -72,7 +73,7 @@ def init(folder: str | Path, name: str = "my_data", data_root: str | None = None
     folder = Path(folder).expanduser()
     root = data_root or "/path/to/your/images"
     files = {
-        folder / "data" / f"{name}.yaml": DATA.format(root=root),
+        folder / "data" / f"{name}.yaml": DATA.format(root=root, root_yaml=json.dumps(root)),
         folder / "experiment" / f"{name}.yaml": EXPERIMENT.format(folder=folder, name=name),
         folder / "README.md": README.format(folder=folder, name=name),
     }

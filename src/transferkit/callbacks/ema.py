@@ -51,8 +51,9 @@ class EMA(L.Callback):
         return min(self.decay, (1 + self.steps) / (10 + self.steps))
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.shadow:  # a resumed run has it from the checkpoint
+        if not self.shadow:  # a resumed run has it from the checkpoint (on the CPU)
             self.shadow = {k: v.detach().clone() for k, v in self._tensors(pl_module).items()}
+        self.shadow = {k: v.to(pl_module.device) for k, v in self.shadow.items()}
 
     @torch.no_grad()
     def on_train_batch_end(
