@@ -102,7 +102,8 @@ HPARAM_TYPES: dict[str, tuple[type, ...]] = {
     "class_names": (list, type(None)), "image_size": (int,), "crop_pct": _NUMBER,
     "label_smoothing": _NUMBER, "l1": _NUMBER, "l1_scope": (str,),
     "decay_norm_and_bias": (bool,), "backbone_norm": (str,), "mixup": (dict, type(None)),
-    "channels_last": (bool,), "compile": (bool,), "task": (str,), "multilabel_loss": (str,),
+    "channels_last": (bool,), "compile": (bool, str), "compile_backend": (str,),
+    "task": (str,), "multilabel_loss": (str,),
 }  # fmt: skip
 
 

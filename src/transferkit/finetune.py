@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from transferkit import preemption
 from transferkit.caching import CachedFeatureDataModule, cache_decision
+from transferkit.callbacks.compile_watch import CompileWatch
 from transferkit.callbacks.fit_diagnosis import FitDiagnosis
 from transferkit.callbacks.history import History
 from transferkit.callbacks.speed import TrainSpeed
@@ -204,6 +205,9 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     # The plan's budget needs the number of devices, which the trainer resolves ("auto",
     # -1, a list): build it first, then give it the budget.
     trainer_cfg.update(max_epochs=user_epochs or 1, check_val_every_n_epoch=user_every or 1)
+    requested_precision = trainer_cfg.get("precision", "32-true")
+    if str(requested_precision) == "auto":  # measured below, once the plan is applied
+        trainer_cfg["precision"] = "32-true"
     trainer = _instantiate_trainer(trainer_cfg, callbacks, loggers)
 
     finetune_cfg = OmegaConf.to_container(cfg.finetune, resolve=True)
@@ -219,6 +223,11 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     model.set_plan(plan)
     dm.set_preprocessing(model.preprocessing)
     log.info("fine-tuning plan: %s", plan.reason)
+    precision = _choose_precision(requested_precision, cfg.model.get("channels_last"), model,
+                                  dm, trainer)  # fmt: skip
+    if precision.precision != trainer_cfg["precision"]:
+        trainer_cfg["precision"] = precision.precision
+        trainer = _instantiate_trainer(trainer_cfg, callbacks, loggers)
     b = plan.budget
     log.info("budget: %s", budget_text(b))
     trainer.fit_loop.max_epochs = b["epochs"]
@@ -243,8 +252,36 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         "feature_cache": cache,
         "model": model,
         "plan": plan,
+        "precision": precision,
         "trainer": trainer,
     }
+
+
+def _choose_precision(requested: Any, channels_last: Any, model: Any, dm: Any, trainer: Any) -> Any:
+    """``trainer.precision`` and ``model.channels_last``, ``auto`` measured on the model as
+    planned (see ``transferkit.precision``); the model is switched to the chosen layout."""
+    from lightning.pytorch.accelerators import CUDAAccelerator
+
+    from transferkit import precision as P
+
+    cuda = isinstance(trainer.accelerator, CUDAAccelerator)
+    device = trainer.strategy.root_device
+    size = int(dm.image_size)
+
+    def timer(setting: P.Setting) -> float:
+        return P.time_steps(model, setting, dm.batch_size, size, device)
+
+    choice = P.resolve(
+        requested,
+        channels_last,
+        cuda=cuda,
+        world_size=trainer.world_size,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        timer=timer,
+    )
+    model.set_channels_last(choice.channels_last)
+    log.info("precision: %s (%s)", P.label((choice.precision, choice.channels_last)), choice.reason)
+    return choice
 
 
 def _feature_cache(cfg: DictConfig, dm: Any, model: Any, plan: Any) -> tuple[Any, str]:
@@ -346,6 +383,7 @@ def finetune(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     model.use_cached_features(None)  # from here on (report, predictions) the model sees images
 
     speed = next((c for c in trainer.callbacks if isinstance(c, TrainSpeed)), None)
+    watch = next((c for c in trainer.callbacks if isinstance(c, CompileWatch)), None)
     summary: dict[str, Any] = {
         "backbone": cfg.model.backbone,
         "num_classes": dm.num_classes,
@@ -376,6 +414,8 @@ def finetune(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         "task": "multilabel" if model.multilabel else "multiclass",
         "test_balanced_acc": test_metrics.get("test/balanced_acc"),
         "balance": dm.balance_mode,
+        "precision": objects["precision"].as_dict(),
+        "compile": watch and {"mode": model.hparams["compile"], **watch.as_dict()},
         "fit_seconds": round(fit_seconds, 2),
         "train_images_per_second": round(speed.images_per_second, 1) if speed else None,
         "best_checkpoint": best_path,

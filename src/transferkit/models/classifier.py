@@ -19,6 +19,7 @@ from torch.optim import Optimizer
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy, MultilabelAccuracy
 
+from transferkit.callbacks.compile_watch import COMPILE_MODES, CompileWatch, graph_bound
 from transferkit.data.transforms import BatchMixup
 from transferkit.errors import ConfigError
 from transferkit.models.backbone import create_backbone
@@ -38,6 +39,21 @@ from transferkit.policy import Plan
 log = logging.getLogger(__name__)
 
 DEFAULT_HEAD = {"_target_": "transferkit.models.heads.LinearHead", "_partial_": True}
+
+
+def compile_mode(setting: bool | str) -> str | None:
+    """``model.compile`` as a ``torch.compile`` mode (``None``: its default).
+
+    Raises:
+        ConfigError: an unknown mode, with the known ones.
+    """
+    if setting is True or setting == "default":
+        return None
+    if setting not in COMPILE_MODES:
+        raise ConfigError(
+            f"model.compile={setting!r}; choose false, true or one of {', '.join(COMPILE_MODES)}."
+        )
+    return str(setting)
 
 
 class ImageClassifier(L.LightningModule):
@@ -65,8 +81,14 @@ class ImageClassifier(L.LightningModule):
             ``instancenorm`` or ``syncbn`` (see ``convert_backbone_norm``).
         mixup: options of timm's ``Mixup`` (mixup / CutMix on training batches, soft
             targets smoothed by ``label_smoothing``); ``None``: off.
-        channels_last: keep the backbone and its inputs in NHWC memory format.
-        compile: ``torch.compile`` the backbone (in place, so checkpoints are unchanged).
+        channels_last: keep the backbone and its inputs in NHWC memory format; ``auto``
+            starts without it and lets ``trainer.precision=auto`` decide
+            (:meth:`set_channels_last`).
+        compile: ``torch.compile`` the backbone (in place, so checkpoints are unchanged):
+            ``true`` or a mode (``reduce-overhead``: CUDA graphs, for launch-bound small
+            images; ``max-autotune-no-cudagraphs``, ...). Recompiles are counted and bounded
+            (``transferkit.callbacks.compile_watch``).
+        compile_backend: ``torch.compile`` backend (``inductor``; ``eager`` to debug).
         task: ``multiclass`` (one class per image, softmax) or ``multilabel`` (a set of
             classes per image, sigmoids: see ``transferkit.models.multilabel``).
         multilabel_loss: ``bce`` or ``asl`` (asymmetric loss), for ``multilabel``.
@@ -93,8 +115,9 @@ class ImageClassifier(L.LightningModule):
         decay_norm_and_bias: bool = False,
         backbone_norm: str = "keep",
         mixup: Mapping[str, Any] | None = None,
-        channels_last: bool = False,
-        compile: bool = False,
+        channels_last: bool | str = False,
+        compile: bool | str = False,
+        compile_backend: str = "inductor",
         task: str = "multiclass",
         multilabel_loss: str = "bce",
         optimizer: Callable[..., Optimizer] | None = None,
@@ -125,6 +148,9 @@ class ImageClassifier(L.LightningModule):
                 )
         if l1_scope not in ("head", "weights", "all"):
             raise ConfigError(f"l1_scope={l1_scope!r}; choose 'head', 'weights' or 'all'.")
+        if channels_last not in (True, False, "auto"):
+            raise ConfigError(f"model.channels_last={channels_last!r}; choose true, false or auto.")
+        channels_last = channels_last is True  # saved as a bool ("auto" is decided later)
         self.save_hyperparameters(
             ignore=["weights", "pretrained", "optimizer", "scheduler", "plan"]
         )
@@ -140,7 +166,7 @@ class ImageClassifier(L.LightningModule):
         if channels_last:  # NHWC: faster convolutions on GPUs with tensor cores
             self.backbone.to(memory_format=torch.channels_last)
         if compile:  # in place: parameter names (and checkpoints) stay the same
-            self.backbone.compile()
+            self.backbone.compile(mode=compile_mode(compile), backend=compile_backend)
         self._bn_params = batchnorm_param_names(self.backbone)
         self.optimizer_factory = optimizer
         self.scheduler_cfg = scheduler
@@ -212,6 +238,11 @@ class ImageClassifier(L.LightningModule):
             for m in self._eval_bns:
                 m.eval()
         return self
+
+    def set_channels_last(self, on: bool) -> None:
+        """Switch the backbone (and the inputs it is given) to NHWC memory format, or back."""
+        self.hparams["channels_last"] = bool(on)
+        self.backbone.to(memory_format=torch.channels_last if on else torch.contiguous_format)
 
     # -- forward and steps --------------------------------------------------------------
     def use_cached_features(self, split: Any | None) -> None:
@@ -317,7 +348,10 @@ class ImageClassifier(L.LightningModule):
         from transferkit.callbacks.unfreeze import FinetuneSchedule
         from transferkit.checkpoint_io import RNGState
 
-        return [FinetuneSchedule(), RNGState()]  # RNGState: resume continues the same draws
+        callbacks: list[L.Callback] = [FinetuneSchedule(), RNGState()]  # RNGState: same draws
+        if self.hparams.get("compile"):
+            callbacks.append(CompileWatch(graph_bound(len(self.plan.schedule))))
+        return callbacks
 
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is None:
