@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from transferkit import preemption
-from transferkit.data.datamodule import training_loader
+from transferkit.data.datamodule import eval_sampler, training_loader, training_sampler
+from transferkit.data.device import TensorBatches, fits_on_device
 from transferkit.data.order import own_generator
 from transferkit.errors import ConfigError
 from transferkit.policy import Plan
@@ -264,6 +265,7 @@ class CachedFeatureDataModule(L.LightningDataModule):
         self.source, self.split = source, split
         self.budget, self.disk_dir = budget_gb * 2**30, disk_dir
         self.datasets: dict[str, FeatureDataset] = {}
+        self._device_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _build(self) -> None:
         """Run the prefix over every split once, on the device the model is on by now."""
@@ -282,20 +284,46 @@ class CachedFeatureDataModule(L.LightningDataModule):
         for m, t in zip(self.split._prefix, was_training, strict=True):
             m.train(t)
 
-    def _loader(self, name: str, train: bool) -> DataLoader:
+    def _loader(self, name: str, train: bool) -> DataLoader | TensorBatches:
         self._build()
         ds = self.datasets[name]
         batch = self.source.batch_size
+        trainer = getattr(self, "trainer", None)
+        if getattr(self.source, "trainer", None) is None:  # it decides where batches come from
+            self.source.trainer = trainer
+        weights = self.source.train_sample_weights() if train else None
+        on_device = self._on_device(name, ds)
+        if on_device is not None:  # the features live on the device; batches index them there
+            feats, labels = on_device
+            if train:
+                sampler, drop = training_sampler(len(ds), batch, trainer, self.source.seed, weights)
+                return TensorBatches(feats, labels, batch, sampler, drop)
+            return TensorBatches(feats, labels, batch, eval_sampler(len(ds), trainer))
         if train:
-            trainer, weights = getattr(self, "trainer", None), self.source.train_sample_weights()
             return training_loader(ds, batch, trainer, self.source.seed, weights)
         return DataLoader(ds, batch_size=batch, generator=own_generator())
 
-    def train_dataloader(self) -> DataLoader:
+    def _on_device(self, name: str, ds: FeatureDataset) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The split's features and labels moved to the device once, when the source batches
+        from device memory and they fit there too; else ``None``."""
+        if name in self._device_cache:
+            return self._device_cache[name]
+        feats = ds.features
+        if not self.source.device_choice()[0] or not isinstance(feats, torch.Tensor):
+            return None
+        device = self.source.device()
+        nbytes = feats.numel() * feats.element_size()
+        if not fits_on_device(nbytes, device, self.source.device_budget_gb):
+            log.info("cached %s features (%.0f MB) stay in host memory", name, nbytes / 2**20)
+            return None
+        self._device_cache[name] = (feats.to(device), torch.as_tensor(ds.labels).to(device))
+        return self._device_cache[name]
+
+    def train_dataloader(self) -> DataLoader | TensorBatches:
         return self._loader("train", True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | TensorBatches:
         return self._loader("val", False)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader | TensorBatches:
         return self._loader("test", False)

@@ -12,7 +12,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.accelerators import CUDAAccelerator
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms as T
 from tqdm.auto import tqdm
 
@@ -25,6 +25,7 @@ from transferkit.data.balance import (
     resolve_mode,
     sample_weights,
 )
+from transferkit.data.device import TensorBatches, decide, device_augment, fits_on_device
 from transferkit.data.image_folder import scan_image_folder
 from transferkit.data.order import (
     EpochSampler,
@@ -137,6 +138,10 @@ class ImageDataModule(L.LightningDataModule):
             ``transferkit.data.balance``).
         balance_weights: ``inverse``, ``sqrt`` or ``effective`` class weights.
         effective_beta: β of the effective number of samples.
+        device_batches: serve batches from device memory without a DataLoader (see
+            ``transferkit.data.device``): ``auto`` (on a GPU, when the decoded images fit),
+            ``true`` or ``false``.
+        device_budget_gb: device memory allowed for the decoded images.
     """
 
     def __init__(
@@ -156,6 +161,8 @@ class ImageDataModule(L.LightningDataModule):
         balance: str = "none",
         balance_weights: str = "inverse",
         effective_beta: float = 0.999,
+        device_batches: str | bool = "auto",
+        device_budget_gb: float = 4.0,
     ) -> None:
         super().__init__()
         check_balance(balance, balance_weights, effective_beta)
@@ -196,6 +203,14 @@ class ImageDataModule(L.LightningDataModule):
         if self.decode_once not in ("auto", "true", "false"):
             raise ConfigError(f"data.decode_once={decode_once!r}; choose auto, true or false.")
         self.decode_budget = decode_budget_gb * 2**30
+        self.device_batches = (
+            {True: "true", False: "false"}[device_batches]
+            if isinstance(device_batches, bool)
+            else str(device_batches)
+        )
+        self.device_budget_gb = device_budget_gb
+        self._device_choice: tuple[bool, str] | None = None
+        self._on_device: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._decoded: dict[tuple[str, bool], DecodedDataset] = {}
         self.classes: list[str] = []
         self.splits: dict[str, Samples] = {}
@@ -295,6 +310,7 @@ class ImageDataModule(L.LightningDataModule):
     def set_preprocessing(self, preprocessing: Mapping[str, Any]) -> None:
         """Take mean/std/interpolation from the model; resolution and crop from the data."""
         self._decoded.clear()
+        self._on_device.clear()
         self.preprocessing = {
             **preprocessing,
             "image_size": self.image_size,
@@ -320,6 +336,59 @@ class ImageDataModule(L.LightningDataModule):
             return self._decoded[key]
         return ImageDataset(samples, tf, seed=None if deterministic else self.seed)
 
+    def _decodable(self, split: str) -> bool:
+        size = int(self.image_size)
+        fits = len(self.splits[split]) * 3 * size * size <= self.decode_budget
+        return self.decode_once == "true" or (self.decode_once == "auto" and fits)
+
+    def device(self) -> torch.device:
+        """The device this process trains on (the CPU before a trainer is attached)."""
+        trainer = getattr(self, "trainer", None)
+        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+
+    def device_choice(self) -> tuple[bool, str]:
+        """Whether batches come from device memory (``data.device_batches``), and why;
+        decided once, when the first loader is built."""
+        if self._device_choice is None:
+            splits = [s for s in ("train", "val", "test") if len(self.splits.get(s, ()))]
+            size = int(self.image_size)
+            nbytes = sum(len(self.splits[s]) for s in splits) * 3 * size * size
+            _, why = device_augment(self.augment)
+            self._device_choice = decide(
+                self.device_batches,
+                self._on_gpu(),
+                all(self._decodable(s) for s in splits),
+                fits_on_device(nbytes, self.device(), self.device_budget_gb),
+                why,
+            )
+            use, why = self._device_choice
+            log.info("batches from device memory: %s (%s)", "yes" if use else "no", why)
+        return self._device_choice
+
+    def device_batches_of(self, split: str, train: bool) -> TensorBatches:
+        """A split as :class:`TensorBatches` on this process's device: decoded once with the
+        evaluation transform; training batches shuffled, sharded and augmented there."""
+        decoded = self.image_dataset(split, train=False)
+        if not isinstance(decoded, DecodedDataset):
+            raise ConfigError(f"the {split} images are not decoded once: set data.decode_once=auto")
+        device = self.device()
+        if split not in self._on_device:
+            labels = np.asarray(decoded.labels)
+            y = torch.as_tensor(labels, dtype=torch.float32 if labels.ndim == 2 else torch.long)
+            self._on_device[split] = (decoded.images.to(device), y.to(device))
+        images, labels_t = self._on_device[split]
+        trainer = getattr(self, "trainer", None)
+        mean, std = decoded.mean.flatten().tolist(), decoded.std.flatten().tolist()
+        if train:
+            weights = self.train_sample_weights()
+            sampler, drop = training_sampler(len(decoded), self.batch_size, trainer, self.seed,
+                                             weights)  # fmt: skip
+            augment, _ = device_augment(self.augment)
+            return TensorBatches(images, labels_t, self.batch_size, sampler, drop, mean, std,
+                                 augment, self.seed)  # fmt: skip
+        shard = eval_sampler(len(decoded), trainer)
+        return TensorBatches(images, labels_t, self.batch_size, shard, False, mean, std)
+
     def _on_gpu(self) -> bool:
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
@@ -335,7 +404,9 @@ class ImageDataModule(L.LightningDataModule):
             pin = self._on_gpu()
         return {"num_workers": int(workers), "pin_memory": bool(pin)}
 
-    def _loader(self, split: str, train: bool) -> DataLoader:
+    def _loader(self, split: str, train: bool) -> DataLoader | TensorBatches:
+        if self.device_choice()[0]:
+            return self.device_batches_of(split, train)
         settings = self.loader_settings()
         dataset = self.image_dataset(split, train)
         if train:
@@ -353,13 +424,13 @@ class ImageDataModule(L.LightningDataModule):
             **settings,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | TensorBatches:
         return self._loader("train", train=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | TensorBatches:
         return self._loader("val", train=False)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader | TensorBatches:
         return self._loader("test", train=False)
 
 
@@ -374,21 +445,7 @@ def training_loader(
     """The training DataLoader: shuffled by (seed, epoch) with :class:`EpochSampler`, this
     rank's shard under DDP, and the batches a run resumed mid-epoch already trained on
     skipped; a last batch of one image (per rank) is dropped."""
-    world = int(getattr(trainer, "world_size", 1) or 1)
-    rank = int(getattr(trainer, "global_rank", 0) or 0)
-    size = len(dataset)  # type: ignore[arg-type]
-    check_shard(size, world)
-    shard, drop = shard_size(size, world), drop_last(size, batch_size, world)
-    batches = shard // batch_size + (shard % batch_size > 0) - drop
-    sampler = EpochSampler(
-        dataset,  # type: ignore[arg-type]
-        num_replicas=world,
-        rank=rank,
-        seed=seed,
-        epoch=next_epoch(trainer),
-        skip=resume_skip(trainer, batch_size, batches),
-        weights=weights,
-    )
+    sampler, drop = training_sampler(len(dataset), batch_size, trainer, seed, weights)  # type: ignore[arg-type]
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -399,6 +456,38 @@ def training_loader(
         worker_init_fn=worker_ignores_stop_signals,
         **settings,
     )
+
+
+def training_sampler(
+    size: int, batch_size: int, trainer: Any, seed: int, weights: torch.Tensor | None = None
+) -> tuple[EpochSampler, bool]:
+    """The training order (:class:`EpochSampler`: this rank's shard, shuffled per epoch, a
+    resumed epoch's batches skipped) and whether to drop the last batch of this rank."""
+    world = int(getattr(trainer, "world_size", 1) or 1)
+    rank = int(getattr(trainer, "global_rank", 0) or 0)
+    check_shard(size, world)
+    shard, drop = shard_size(size, world), drop_last(size, batch_size, world)
+    batches = shard // batch_size + (shard % batch_size > 0) - drop
+    sampler = EpochSampler(
+        range(size),
+        num_replicas=world,
+        rank=rank,
+        seed=seed,
+        epoch=next_epoch(trainer),
+        skip=resume_skip(trainer, batch_size, batches),
+        weights=weights,
+    )
+    return sampler, drop
+
+
+def eval_sampler(size: int, trainer: Any) -> DistributedSampler | None:
+    """This rank's share of an evaluation split under DDP, in order (what Lightning gives a
+    DataLoader); ``None`` (all of it) on one process."""
+    world = int(getattr(trainer, "world_size", 1) or 1)
+    if world == 1:
+        return None
+    rank = int(getattr(trainer, "global_rank", 0) or 0)
+    return DistributedSampler(range(size), num_replicas=world, rank=rank, shuffle=False)  # type: ignore[arg-type]
 
 
 class AnimalMNISTDataModule(ImageDataModule):
