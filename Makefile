@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all lint format finetune evaluate predict export sweep-depth clean lr-find gpu-check bench experiments wheel data-multilabel
+.PHONY: help install test test-all lint format finetune evaluate predict export sweep-depth clean lr-find gpu-check gpu-bench bench experiments wheel data-multilabel
 
 SWEEP_DIR ?= multirun/sweep-depth
 SWEEP_SMALL ?= 10,100
@@ -81,6 +81,9 @@ bench: ## Toolkit vs bare-loop throughput, feature-cache speed-up, data vs model
 
 gpu-check: ## On a CUDA machine: images/s on 1 GPU (fp32; bf16-mixed + channels_last), then ddp
 	$(PY) -m transferkit.gpu_check $(ARGS)
+
+gpu-bench: ## Model alone / transferkit / bare loop / timm loop: img/s, GPU MiB -> gpu-bench.json (no GPU: tiny CPU check)
+	$(PY) -m transferkit.gpu_bench $(ARGS)
 
 clean: ## Remove run outputs (outputs/, multirun/) and built wheels (dist/)
 	rm -rf outputs multirun lightning_logs dist
