@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all lint format finetune evaluate predict export sweep-depth clean lr-find gpu-check gpu-bench bench experiments wheel data-multilabel
+.PHONY: help install test test-all lint format finetune evaluate predict export sweep-depth clean lr-find gpu-check gpu-bench bench experiments wheel data-multilabel data-dev
 
 SWEEP_DIR ?= multirun/sweep-depth
 SWEEP_SMALL ?= 10,100
@@ -75,6 +75,9 @@ export: ## Export ckpt=PATH as format=torchscript|onnx and check it against the 
 
 data-multilabel: ## Tile Animal-MNIST into a multi-label set (2-3 animals an image) -> data/multilabel
 	$(PY) -m transferkit.data.tiled data/multilabel $(ARGS)
+
+data-dev: ## Development sets beyond Animal-MNIST: textures (scikit-image photos), glyphs (fonts) -> data/dev
+	$(PY) -m transferkit.data.dev data/dev $(ARGS)
 
 bench: ## Toolkit vs bare-loop throughput, feature-cache speed-up, data vs model -> bench.json
 	$(PY) -m transferkit.bench $(ARGS)
