@@ -121,3 +121,26 @@ def test_step_budget_counts_steps_at_the_global_batch(world):
 )
 def test_steps_per_epoch_follows_the_shard_and_drop_last(size, batch, world, expected):
     assert steps_per_epoch(size, batch, world) == expected
+
+
+@pytest.mark.parametrize(("regime", "per_class", "steps"), [
+    ("full", 10, 150), ("linear_probe", 10, 150), ("lp_ft", 100, 150), ("partial", 800, 375),
+])  # fmt: skip
+def test_every_fixed_regime_takes_its_budget_from_the_data_size(regime, per_class, steps):
+    """Not 5 epochs whatever the size (10 optimizer steps at 10 images per class)."""
+    cfg = {"regime": regime, "trainable_blocks": 4, "lp_epochs": 0.3}
+    plan = resolve_plan(cfg, counts(per_class), 17, budget_rules=AUTO["rules"])
+    assert plan.budget["steps"] >= steps > plan.budget["steps"] - plan.budget["steps_per_epoch"]
+    assert "data size" in plan.budget["from"]
+    user = resolve_plan({**cfg, "steps": 40}, counts(per_class), 17, budget_rules=AUTO["rules"])
+    assert user.budget["from"] == "finetune.steps" and user.budget["steps"] < steps
+    epochs = resolve_plan(cfg, counts(per_class), 17, max_epochs=2, budget_rules=AUTO["rules"])
+    assert epochs.budget["epochs"] == 2 and epochs.budget["from"] == "trainer.max_epochs"
+    assert resolve_plan(cfg, counts(per_class), 17).budget["epochs"] == DEFAULT_EPOCHS
+
+
+def test_the_shipped_table_is_the_budget_of_fixed_regimes(make_cfg):
+    from transferkit.finetune import budget_rules
+
+    assert budget_rules(make_cfg("finetune=full")) == AUTO["rules"]
+    assert budget_rules(make_cfg("finetune=auto")) == AUTO["rules"]

@@ -219,6 +219,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         max_epochs=user_epochs,
         world_size=trainer.world_size,
         accumulate=trainer.accumulate_grad_batches,
+        budget_rules=budget_rules(cfg),
     )
     model.set_plan(plan)
     dm.set_preprocessing(model.preprocessing)
@@ -255,6 +256,15 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         "precision": precision,
         "trainer": trainer,
     }
+
+
+def budget_rules(cfg: DictConfig) -> list[Any]:
+    """The table a fixed regime takes its step budget from: ``finetune.rules`` when the
+    config has them, else the shipped ``finetune=auto`` table."""
+    rules = cfg.finetune.get("rules")
+    if rules is None:
+        rules = OmegaConf.load(Path(CONFIG_DIR) / "finetune" / "auto.yaml").get("rules")
+    return list(OmegaConf.to_container(rules, resolve=True) or [])  # type: ignore[arg-type]
 
 
 def _choose_precision(requested: Any, channels_last: Any, model: Any, dm: Any, trainer: Any) -> Any:

@@ -164,11 +164,14 @@ def resolve_plan(
     max_epochs: int | None = None,
     world_size: int = 1,
     accumulate: int = 1,
+    budget_rules: list[Mapping[str, Any]] | None = None,
 ) -> Plan:
     """Turn the ``finetune`` config into a :class:`Plan`, its epoch budget resolved.
 
     The budget is ``max_epochs`` when the user set one, else the ``steps`` of the config (or
-    of the matching rule) turned into epochs at the global batch, else ``DEFAULT_EPOCHS``.
+    of the matching rule), else the ``steps`` of the row of ``budget_rules`` (``finetune=
+    auto``'s table) the data's size matches, turned into epochs at the global batch, else
+    ``DEFAULT_EPOCHS``.
     Everything that depends on it (``lp_epochs`` as a share of the budget) uses that value.
 
     Args:
@@ -180,6 +183,7 @@ def resolve_plan(
         world_size: devices training together: a step takes ``batch_size * world_size``
             images, so a step budget needs fewer epochs than on one device.
         accumulate: batches per optimizer step (``trainer.accumulate_grad_batches``).
+        budget_rules: the table whose step budget a fixed regime takes from the data size.
 
     Raises:
         ValueError: unknown regime or BatchNorm mode, or an invalid block count.
@@ -204,13 +208,16 @@ def resolve_plan(
     total = total_blocks
     per_epoch = steps_per_epoch(counts["train_size"], batch_size, world_size, accumulate)
     steps = settings.get("steps")
+    source = "finetune.steps" if cfg.get("steps") else "rule table"
+    if not steps and budget_rules and max_epochs is None:  # a fixed regime: by the data size
+        steps = match_rule(budget_rules, counts).get("steps")
+        source = f"data size ({counts['median_per_class']} images per class: the table's row)"
     if max_epochs is not None:
         epochs, source = int(max_epochs), "trainer.max_epochs"
     elif steps:
         epochs = epochs_for_steps(
             int(steps), counts["train_size"], batch_size, world_size, accumulate
         )
-        source = "finetune.steps" if cfg.get("steps") else "rule table"
     else:
         epochs, source = DEFAULT_EPOCHS, "default"
     budget = {
