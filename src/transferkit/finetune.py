@@ -261,10 +261,11 @@ def build(cfg: DictConfig) -> dict[str, Any]:
 def budget_rules(cfg: DictConfig) -> list[Any]:
     """The table a fixed regime takes its step budget from: ``finetune.rules`` when the
     config has them, else the shipped ``finetune=auto`` table."""
-    rules = cfg.finetune.get("rules")
+    rules: Any = cfg.finetune.get("rules")
     if rules is None:
-        rules = OmegaConf.load(Path(CONFIG_DIR) / "finetune" / "auto.yaml").get("rules")
-    return list(OmegaConf.to_container(rules, resolve=True) or [])  # type: ignore[arg-type]
+        table: Any = OmegaConf.load(Path(CONFIG_DIR) / "finetune" / "auto.yaml")
+        rules = table.get("rules")
+    return list(OmegaConf.to_container(rules, resolve=True) or [])
 
 
 def _choose_precision(requested: Any, channels_last: Any, model: Any, dm: Any, trainer: Any) -> Any:
