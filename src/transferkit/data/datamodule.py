@@ -356,7 +356,7 @@ class ImageDataModule(L.LightningDataModule):
             _, why = device_augment(self.augment)
             self._device_choice = decide(
                 self.device_batches,
-                self._on_gpu(),
+                self.device().type == "cuda",  # a trainer on a GPU (not evaluate's loops)
                 all(self._decodable(s) for s in splits),
                 fits_on_device(nbytes, self.device(), self.device_budget_gb),
                 why,
