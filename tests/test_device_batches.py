@@ -156,3 +156,28 @@ def test_device_batches_true_with_an_augmentation_it_lacks_is_refused(image_fold
     dm = _dm(image_folder, "true", augment={**LIGHT, "auto_augment": "rand-m9"})
     with pytest.raises(ConfigError, match=r"augment\.auto_augment"):
         dm.train_dataloader()
+
+
+def test_ranks_draw_their_own_crops() -> None:
+    x = torch.full((16, 3, 8, 8), 7, dtype=torch.uint8)
+    x[:, :, :, :4] = 200  # the same image everywhere: only the augmentation differs
+    aug = DeviceAugment(scale=(0.3, 1.0), hflip=0.5)
+    first = []
+    for rank in (0, 1):
+        sampler, drop = training_sampler(16, 4, SimpleNamespace(world_size=2, global_rank=rank), 3)
+        batches = TensorBatches(x, torch.zeros(16, dtype=torch.long), 4, sampler, drop,
+                                [0.0] * 3, [1.0] * 3, aug, seed=3)  # fmt: skip
+        first.append(next(iter(batches))[0])
+    assert not torch.equal(first[0], first[1])
+
+
+def test_every_rank_evaluates_the_whole_split(image_folder) -> None:
+    """Under DDP each rank validates all of it; the report, on rank 0 alone, sees it all."""
+    dm = _dm(image_folder, "true", augment={"no_aug": True})
+    cpu = SimpleNamespace(root_device=torch.device("cpu"))
+    dm.trainer = SimpleNamespace(world_size=2, global_rank=1, strategy=cpu)
+    for split in ("val", "test"):
+        seen = torch.cat([y for _, y in getattr(dm, f"{split}_dataloader")()])
+        assert len(seen) == len(dm.splits[split])
+    train = torch.cat([y for _, y in dm.train_dataloader()])
+    assert len(train) == (len(dm.splits["train"]) + 1) // 2  # training is sharded

@@ -144,3 +144,16 @@ def test_the_shipped_table_is_the_budget_of_fixed_regimes(make_cfg):
 
     assert budget_rules(make_cfg("finetune=full")) == AUTO["rules"]
     assert budget_rules(make_cfg("finetune=auto")) == AUTO["rules"]
+
+
+@pytest.mark.parametrize("regime", ["lp_ft", "gradual"])
+def test_a_large_data_set_leaves_epoch_schedules_room_to_fine_tune(regime):
+    """24,000 images: 375 steps are one epoch, which would leave LP-FT no fine-tuning phase
+    and gradual no unfreezing; they keep the 5 epochs they had."""
+    cfg = {"regime": regime, "trainable_blocks": 0, "lp_epochs": 0.2, "blocks_per_step": 4,
+           "every_n_epochs": 1, "final_blocks": "all"}  # fmt: skip
+    plan = resolve_plan(cfg, counts(2400), 17, budget_rules=AUTO["rules"])
+    assert plan.budget["epochs"] == DEFAULT_EPOCHS
+    assert plan.schedule and plan.schedule[0][0] < plan.budget["epochs"]  # fine-tuning happens
+    full = resolve_plan({"regime": "full"}, counts(2400), 17, budget_rules=AUTO["rules"])
+    assert full.budget["epochs"] == 1  # a regime without a schedule takes the table's steps

@@ -187,8 +187,63 @@ def test_compile_counts_its_graphs_and_each_unfreeze_adds_them(image_folder, tmp
         assert record["mode"] is True and 2 <= record["graphs"] <= record["bound"]
         graphs[regime] = record["graphs"]
     assert graphs["finetune=gradual"] > graphs["finetune=partial"]
+    cfg = make_cfg(*tiny_overrides(image_folder, tmp_path / "again", "finetune=partial", *extra))
+    again, _ = finetune(cfg)  # a second run in the process counts only its own graphs
+    assert again["compile"]["graphs"] == graphs["finetune=partial"]
 
 
 def test_an_unknown_compile_mode_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"'fastest'.*reduce-overhead"):
         ImageClassifier("test_efficientnet", 3, weights="none", compile="fastest")
+
+
+def test_a_setting_that_runs_out_of_memory_scores_zero() -> None:
+    def timer(s: P.Setting) -> float:
+        if s[0] == "32-true":
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return 100.0
+
+    choice = P.resolve("auto", "auto", cuda=True, timer=timer)
+    assert choice.precision == "bf16-mixed"
+    assert choice.images_per_second["32-true"] == 0.0
+
+
+def test_bf16_support_is_asked_only_to_probe() -> None:
+    def ask() -> bool:
+        raise AssertionError("asking initialises CUDA before DDP forks")
+
+    P.resolve("auto", "auto", cuda=False, bf16=ask, timer=_never)
+    P.resolve("auto", "auto", cuda=True, world_size=2, bf16=ask, timer=_never, external="x")
+    assert P.resolve("auto", "auto", cuda=True, bf16=lambda: False, timer=lambda s: 1.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "why"),
+    [
+        ({"devices": 1}, None),
+        ({"devices": 2, "strategy": "ddp"}, None),  # rank 0 times; its children inherit
+        ({"devices": 2, "strategy": "ddp_fork"}, "forked"),
+        ({"devices": 2, "strategy": "ddp", "num_nodes": 2}, "2 nodes"),
+    ],
+)
+def test_which_runs_cannot_share_one_timing(kwargs, why) -> None:
+    import lightning as L
+
+    from transferkit.finetune import _shared_timing_impossible
+
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, **kwargs)
+    found = _shared_timing_impossible(trainer)
+    assert (found is None) if why is None else (why in found)
+
+
+def test_torchrun_processes_do_not_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning as L
+
+    from transferkit.finetune import _shared_timing_impossible
+
+    for key, value in {"TORCHELASTIC_RUN_ID": "1", "RANK": "0", "LOCAL_RANK": "0",
+                       "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "0",
+                       "MASTER_ADDR": "localhost", "MASTER_PORT": "29500"}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
+    assert "outside launcher" in _shared_timing_impossible(trainer)

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from transferkit import preemption
-from transferkit.data.datamodule import eval_sampler, training_loader, training_sampler
+from transferkit.data.datamodule import training_loader, training_sampler
 from transferkit.data.device import TensorBatches, fits_on_device
 from transferkit.data.order import own_generator
 from transferkit.errors import ConfigError
@@ -298,7 +298,7 @@ class CachedFeatureDataModule(L.LightningDataModule):
             if train:
                 sampler, drop = training_sampler(len(ds), batch, trainer, self.source.seed, weights)
                 return TensorBatches(feats, labels, batch, sampler, drop)
-            return TensorBatches(feats, labels, batch, eval_sampler(len(ds), trainer))
+            return TensorBatches(feats, labels, batch)  # the whole split (see device_batches_of)
         if train:
             return training_loader(ds, batch, trainer, self.source.seed, weights)
         return DataLoader(ds, batch_size=batch, generator=own_generator())

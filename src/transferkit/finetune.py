@@ -268,6 +268,23 @@ def budget_rules(cfg: DictConfig) -> list[Any]:
     return list(OmegaConf.to_container(rules, resolve=True) or [])
 
 
+def _shared_timing_impossible(trainer: Any) -> str | None:
+    """Why the processes of this run could not share rank 0's timing, if they could not:
+    several nodes, processes another launcher starts (torchrun, SLURM), or forked workers
+    (CUDA must not be used before a fork)."""
+    if trainer.world_size <= 1:
+        return None
+    if trainer.num_nodes > 1:
+        return f"{trainer.num_nodes} nodes"
+    env = getattr(trainer.strategy, "cluster_environment", None)
+    if env is not None and env.creates_processes_externally:  # (Lightning's own children
+        # take rank 0's choice before this matters: see precision.resolve)
+        return "processes started by an outside launcher (torchrun, srun)"
+    if getattr(trainer.strategy, "_start_method", None) == "fork":
+        return "forked processes (ddp_fork, ddp_notebook)"
+    return None
+
+
 def _choose_precision(requested: Any, channels_last: Any, model: Any, dm: Any, trainer: Any) -> Any:
     """``trainer.precision`` and ``model.channels_last``, ``auto`` measured on the model as
     planned (see ``transferkit.precision``); the model is switched to the chosen layout."""
@@ -287,9 +304,12 @@ def _choose_precision(requested: Any, channels_last: Any, model: Any, dm: Any, t
         channels_last,
         cuda=cuda,
         world_size=trainer.world_size,
-        bf16=cuda and torch.cuda.is_bf16_supported(),
+        bf16=torch.cuda.is_bf16_supported,
         timer=timer,
+        external=_shared_timing_impossible(trainer),
     )
+    if model.hparams.get("compile"):  # the probe's copies must not count against the limit
+        torch._dynamo.reset()
     model.set_channels_last(choice.channels_last)
     log.info("precision: %s (%s)", P.label((choice.precision, choice.channels_last)), choice.reason)
     return choice

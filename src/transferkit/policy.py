@@ -114,6 +114,8 @@ def parse_blocks(value: Any, total: int, key: str = "finetune.trainable_blocks")
 
 #: Epochs of a regime with neither a step budget nor ``trainer.max_epochs``.
 DEFAULT_EPOCHS = 5
+#: Regimes whose schedule counts epochs (the probe's share, the unfreezing steps).
+EPOCH_SCHEDULED = ("lp_ft", "gradual")
 
 
 def steps_per_epoch(
@@ -218,6 +220,10 @@ def resolve_plan(
         epochs = epochs_for_steps(
             int(steps), counts["train_size"], batch_size, world_size, accumulate
         )
+        if source.startswith("data size") and regime in EPOCH_SCHEDULED:
+            # Their schedules count epochs: a large data set's one or two epochs would leave
+            # no room for the fine-tuning phase, so never fewer than they had before.
+            epochs = max(epochs, DEFAULT_EPOCHS)
     else:
         epochs, source = DEFAULT_EPOCHS, "default"
     budget = {

@@ -116,9 +116,13 @@ def time_steps(
     warmup: int = 3,
 ) -> float:
     """Training images/s of a copy of ``model`` in ``setting`` on a synthetic batch: forward,
-    backward and an Adam step over the trainable parameters. ``model`` is not changed."""
+    backward and an Adam step over the trainable parameters, uncompiled (``model.compile``
+    is not timed). ``model`` is not changed."""
     precision, channels_last = setting
     trial = copy.deepcopy(model).to(device).train()
+    for m in trial.modules():  # timed uncompiled: four compilations would cost minutes
+        if getattr(m, "_compiled_call_impl", None) is not None:
+            m._compiled_call_impl = None
     if channels_last:
         trial = trial.to(memory_format=torch.channels_last)
     params = [p for p in trial.parameters() if p.requires_grad]
@@ -160,8 +164,17 @@ Timer = Callable[[Setting], float]
 
 
 def probe(settings: Sequence[Setting], timer: Timer) -> dict[Setting, float]:
-    """Images/s of each setting, timed in turn by ``timer``."""
-    return {s: timer(s) for s in settings}
+    """Images/s of each setting, timed in turn by ``timer``; 0 for one that runs out of
+    memory (a batch that fits in bf16 may not in fp32)."""
+    out = {}
+    for s in settings:
+        try:
+            out[s] = timer(s)
+        except torch.OutOfMemoryError:
+            log.warning("precision probe: %s ran out of GPU memory at this batch", label(s))
+            torch.cuda.empty_cache()
+            out[s] = 0.0
+    return out
 
 
 def resolve(
@@ -170,8 +183,9 @@ def resolve(
     *,
     cuda: bool,
     world_size: int = 1,
-    bf16: bool = True,
+    bf16: bool | Callable[[], bool] = True,
     timer: Timer | None = None,
+    external: str | None = None,
 ) -> Choice:
     """The precision and memory format to train with.
 
@@ -181,8 +195,11 @@ def resolve(
             with the precision; false when the precision is the user's).
         cuda: training on a CUDA device.
         world_size: processes training together.
-        bf16: the GPU supports bfloat16.
+        bf16: the GPU supports bfloat16 (or a function that says, called only to probe:
+            asking initialises CUDA).
         timer: images/s of one setting (:func:`time_steps` bound to the model and batch).
+        external: why the processes of this run cannot share one timing (started by an
+            outside launcher, on several nodes, or forked), if so.
     """
     given_cl = None if channels_last in ("auto", None) else bool(channels_last)
     if str(precision) != "auto":
@@ -193,17 +210,20 @@ def resolve(
         return Choice(p, cl if given_cl is None else given_cl, "rank 0's measured choice")
     if not cuda:
         return Choice("32-true", bool(given_cl), "no CUDA device: fp32")
-    if external_launch(world_size):
+    if external is None and external_launch(world_size):
+        external = "started by an outside launcher (torchrun, srun)"
+    if external:
         return Choice(
             "32-true",
             bool(given_cl),
-            "started by an outside launcher (torchrun, srun), whose processes cannot agree "
-            "on a timing: fp32. Set trainer.precision (and model.channels_last) to choose.",
+            f"{external}: its processes cannot share one timing, so fp32. Set "
+            "trainer.precision (and model.channels_last) to choose.",
         )
     if timer is None:
         raise ValueError("resolve() needs a timer to measure on a CUDA device")
     start = time.perf_counter()
-    timings = probe(candidates(bf16, given_cl), timer)
+    supported = bf16() if callable(bf16) else bf16
+    timings = probe(candidates(supported, given_cl), timer)
     best = choose(timings)
     figures = {label(s): ips for s, ips in timings.items()}
     reason = f"fastest of {len(timings)} measured: " + ", ".join(

@@ -134,7 +134,7 @@ def collect_logits(
     logits, labels = [], []
     for x, y in tqdm(loader, desc=desc, unit="batch", leave=False):
         logits.append(model(x.to(device)).float().cpu())
-        labels.append(torch.as_tensor(y))
+        labels.append(torch.as_tensor(y).cpu())  # device batches hold them on the GPU
     model.train(was_training)
     if not logits:
         return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)

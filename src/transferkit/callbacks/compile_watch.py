@@ -40,7 +40,9 @@ def graph_bound(schedule_steps: int) -> int:
 
 
 class CompileWatch(L.Callback):
-    """Counts the backbone's graphs over a fit and test; see the module docstring.
+    """Counts the backbone's graphs from its model's first ``fit`` (or ``test``) on; see
+    the module docstring. The model keeps one instance: Lightning asks it for its callbacks
+    again at every ``fit`` and ``test``.
 
     Args:
         bound: the most graphs the plan should need (:func:`graph_bound`).
@@ -48,7 +50,7 @@ class CompileWatch(L.Callback):
 
     def __init__(self, bound: int) -> None:
         self.bound = bound
-        self.start = 0
+        self.start: int | None = None  # graphs before this model's first fit, test, ...
         self.graphs = 0
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -57,11 +59,12 @@ class CompileWatch(L.Callback):
         config: Any = torch._dynamo.config
         if config.recompile_limit < self.bound:
             config.recompile_limit = self.bound
-        if stage == "fit":
+        if self.start is None:  # a new run: earlier runs' graphs would eat into its limit
+            torch._dynamo.reset()
             self.start = graphs_built()
 
     def _count(self) -> None:
-        self.graphs = graphs_built() - self.start
+        self.graphs = graphs_built() - (self.start or 0)
         if self.graphs >= self.bound:
             log.warning(
                 "torch.compile built %d graphs of the backbone, the bound for this plan: "

@@ -12,7 +12,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.accelerators import CUDAAccelerator
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from tqdm.auto import tqdm
 
@@ -367,7 +367,11 @@ class ImageDataModule(L.LightningDataModule):
 
     def device_batches_of(self, split: str, train: bool) -> TensorBatches:
         """A split as :class:`TensorBatches` on this process's device: decoded once with the
-        evaluation transform; training batches shuffled, sharded and augmented there."""
+        evaluation transform; training batches shuffled, sharded and augmented there.
+        Evaluation batches hold the whole split, in order, on every rank: under DDP each rank
+        validates all of it (the same metrics, without the padding duplicates of a
+        ``DistributedSampler``), and the report and the multi-label thresholds, which read
+        these loaders on rank 0 alone, see the whole split."""
         decoded = self.image_dataset(split, train=False)
         if not isinstance(decoded, DecodedDataset):
             raise ConfigError(f"the {split} images are not decoded once: set data.decode_once=auto")
@@ -386,8 +390,7 @@ class ImageDataModule(L.LightningDataModule):
             augment, _ = device_augment(self.augment)
             return TensorBatches(images, labels_t, self.batch_size, sampler, drop, mean, std,
                                  augment, self.seed)  # fmt: skip
-        shard = eval_sampler(len(decoded), trainer)
-        return TensorBatches(images, labels_t, self.batch_size, shard, False, mean, std)
+        return TensorBatches(images, labels_t, self.batch_size, None, False, mean, std)
 
     def _on_gpu(self) -> bool:
         trainer = getattr(self, "trainer", None)
@@ -478,16 +481,6 @@ def training_sampler(
         weights=weights,
     )
     return sampler, drop
-
-
-def eval_sampler(size: int, trainer: Any) -> DistributedSampler | None:
-    """This rank's share of an evaluation split under DDP, in order (what Lightning gives a
-    DataLoader); ``None`` (all of it) on one process."""
-    world = int(getattr(trainer, "world_size", 1) or 1)
-    if world == 1:
-        return None
-    rank = int(getattr(trainer, "global_rank", 0) or 0)
-    return DistributedSampler(range(size), num_replicas=world, rank=rank, shuffle=False)  # type: ignore[arg-type]
 
 
 class AnimalMNISTDataModule(ImageDataModule):

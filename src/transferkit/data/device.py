@@ -166,6 +166,11 @@ class TensorBatches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.inputs)
         epoch = int(getattr(self.sampler, "epoch", 0))
+        # Each rank draws its own crops: batch b of rank r of R is draw b * R + r.
+        ranks, rank = (
+            int(getattr(self.sampler, "num_replicas", 1)),
+            int(getattr(self.sampler, "rank", 0)),
+        )
         # A resumed epoch skips the batches it trained on: the draws continue from there.
         first = int(getattr(self.sampler, "skip", 0)) // self.batch_size
         order = (
@@ -181,18 +186,19 @@ class TensorBatches:
             x = self.inputs.index_select(0, idx)
             x = (x.float().div_(255.0) - self.mean) / self.std if self.scaled else x.float()
             if self.augment is not None:
-                g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, first + b))
+                draw = (first + b) * ranks + rank
+                g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, draw))
                 x = self.augment(x, g)
             yield x, self.labels.index_select(0, idx)
 
 
 def fits_on_device(nbytes: int, device: torch.device, budget_gb: float) -> bool:
-    """Whether ``nbytes`` fit the budget, and (on CUDA) a quarter of the free memory."""
+    """Whether ``nbytes`` fit the budget and (on CUDA) a quarter of the GPU's memory. The
+    total, not what is free now, so that every rank of a DDP run decides alike."""
     if nbytes > budget_gb * 2**30:
         return False
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return nbytes <= free / 4
+        return nbytes <= torch.cuda.get_device_properties(device).total_memory / 4
     return True
 
 

@@ -350,7 +350,9 @@ class ImageClassifier(L.LightningModule):
 
         callbacks: list[L.Callback] = [FinetuneSchedule(), RNGState()]  # RNGState: same draws
         if self.hparams.get("compile"):
-            callbacks.append(CompileWatch(graph_bound(len(self.plan.schedule))))
+            if getattr(self, "_compile_watch", None) is None:  # one count over fit and test
+                self._compile_watch = CompileWatch(graph_bound(len(self.plan.schedule)))
+            callbacks.append(self._compile_watch)
         return callbacks
 
     def configure_optimizers(self) -> Any:

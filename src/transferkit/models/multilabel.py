@@ -119,7 +119,7 @@ def validation_probabilities(
     probs, targets = [], []
     for x, y in loader:
         probs.append(model._logits(x.to(device)).float().sigmoid().cpu())  # type: ignore[operator]
-        targets.append(torch.as_tensor(y))
+        targets.append(torch.as_tensor(y).cpu())  # device batches hold them on the GPU
     model.train(was_training)
     return torch.cat(probs), torch.cat(targets)
 
