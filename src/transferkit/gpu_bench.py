@@ -22,8 +22,9 @@ all four rows compute the same thing (``make bench`` measures what the cache buy
 The first ``--warmup`` steps of a row are not timed (cuDNN autotuning, the allocator, workers
 starting); clocks are read after ``torch.cuda.synchronize()``. Peak memory is
 ``torch.cuda.max_memory_allocated`` during the row less what was allocated when it began (the
-images the loops keep on the GPU are not counted). ``gpu-bench.json`` holds the device, the
-versions and, per setting, the rows and the ratios ``trainer_over_ceiling`` and
+images the loops keep on the GPU are not counted; the Trainer row's peak does include the
+images it moves there itself, ``data.device_batches``). ``gpu-bench.json`` holds the device,
+the versions and, per setting, the rows and the ratios ``trainer_over_ceiling`` and
 ``trainer_over_timm``; the Markdown table printed at the end is the README's.
 
 Without a GPU it says so first, then runs a tiny CPU grid (64 px, fp32, a few steps) to check
