@@ -23,7 +23,7 @@ def _never(setting: P.Setting) -> float:
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for key in (P.ENV, "LOCAL_RANK", "TORCHELASTIC_RUN_ID", "SLURM_NTASKS"):
+    for key in (P.ENV, "LOCAL_RANK"):
         monkeypatch.delenv(key, raising=False)
     yield
     os.environ.pop(P.ENV, None)  # set by resolve() itself, not through monkeypatch
@@ -110,11 +110,11 @@ def test_ddp_ranks_take_rank_zeros_choice(monkeypatch: pytest.MonkeyPatch) -> No
     assert (again.precision, again.channels_last) == ("32-true", False)
 
 
-def test_outside_launchers_do_not_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
-    choice = P.resolve("auto", "auto", cuda=True, world_size=4, timer=_never)
-    assert choice.precision == "32-true" and "trainer.precision" in choice.reason
-    assert P.resolve("auto", "auto", cuda=True, world_size=1, timer=lambda s: 1.0)
+def test_runs_that_cannot_share_a_timing_do_not_time() -> None:
+    why = "processes started by an outside launcher (torchrun, srun)"
+    choice = P.resolve("auto", "auto", cuda=True, world_size=4, timer=_never, external=why)
+    assert choice.precision == "32-true" and choice.reason.startswith(why)
+    assert "trainer.precision" in choice.reason
 
 
 def test_a_bad_inherited_choice_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -214,7 +214,9 @@ def test_bf16_support_is_asked_only_to_probe() -> None:
 
     P.resolve("auto", "auto", cuda=False, bf16=ask, timer=_never)
     P.resolve("auto", "auto", cuda=True, world_size=2, bf16=ask, timer=_never, external="x")
-    assert P.resolve("auto", "auto", cuda=True, bf16=lambda: False, timer=lambda s: 1.0)
+    timed: list[P.Setting] = []
+    P.resolve("auto", "auto", cuda=True, bf16=lambda: False, timer=lambda s: timed.append(s) or 1.0)
+    assert ("16-mixed", True) in timed and not any(s[0] == "bf16-mixed" for s in timed)
 
 
 @pytest.mark.parametrize(

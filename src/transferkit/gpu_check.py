@@ -16,7 +16,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -57,25 +56,11 @@ def _fit_speed(overrides: list[str]) -> float:
 def _model_only(batch: int, steps: int, bf16: bool) -> float:
     """The training step alone on synthetic data already on the GPU."""
     from transferkit.models import ImageClassifier
+    from transferkit.precision import time_steps
 
-    model = ImageClassifier("tf_efficientnet_lite0", 10, image_size=64,
-                            channels_last=bf16).cuda().train()  # fmt: skip
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    x = torch.randn(batch, 3, 64, 64, device="cuda")
-    y = torch.randint(0, 10, (batch,), device="cuda")
-    if bf16:
-        x = x.contiguous(memory_format=torch.channels_last)
-    for i in range(steps + 20):
-        if i == 20:
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-        with torch.autocast("cuda", torch.bfloat16, enabled=bf16):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    torch.cuda.synchronize()
-    return batch * steps / (time.perf_counter() - t0)
+    model = ImageClassifier("tf_efficientnet_lite0", 10, image_size=64)
+    setting = ("bf16-mixed", True) if bf16 else ("32-true", False)
+    return time_steps(model, setting, batch, 64, torch.device("cuda"), steps, warmup=20)
 
 
 def main() -> None:

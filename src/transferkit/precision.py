@@ -13,8 +13,9 @@ candidate, and takes the fastest. The figures, the choice and the reason go to t
 * Without a CUDA device there is nothing to choose: fp32, no ``channels_last``.
 * Under DDP every rank must train alike: rank 0 decides before Lightning starts the other
   processes and hands its choice down in the environment (:data:`ENV`). Processes started
-  by an outside launcher (torchrun, ``srun``) cannot share a decision that early, so they
-  do not probe: they take fp32 and say how to set it.
+  by an outside launcher (torchrun, ``srun``), on several nodes or forked cannot share a
+  decision that early (the caller says so in ``external``), so they do not probe: they take
+  fp32 and say how to set it.
 """
 
 from __future__ import annotations
@@ -94,16 +95,6 @@ def parse_env(value: str) -> Setting:
     if precision not in PRECISIONS or cl not in ("0", "1"):
         raise ConfigError(f"{ENV}={value!r} is not '<precision>,<0|1>'; unset it.")
     return precision, cl == "1"
-
-
-def external_launch(world_size: int) -> bool:
-    """Whether the other processes of this run were (or will be) started by an outside
-    launcher, which Lightning does not control (torchrun, ``srun``)."""
-    if world_size <= 1:
-        return False
-    if os.environ.get("TORCHELASTIC_RUN_ID"):
-        return True
-    return int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1
 
 
 def time_steps(
@@ -210,8 +201,6 @@ def resolve(
         return Choice(p, cl if given_cl is None else given_cl, "rank 0's measured choice")
     if not cuda:
         return Choice("32-true", bool(given_cl), "no CUDA device: fp32")
-    if external is None and external_launch(world_size):
-        external = "started by an outside launcher (torchrun, srun)"
     if external:
         return Choice(
             "32-true",
