@@ -267,25 +267,27 @@ class CachedFeatureDataModule(L.LightningDataModule):
         self.datasets: dict[str, FeatureDataset] = {}
         self._device_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _build(self) -> None:
-        """Run the prefix over every split once, on the device the model is on by now."""
-        if self.datasets:
+    def _build(self, name: str) -> None:
+        """Run the prefix over split ``name`` once, on the device the model is on by then.
+        Each split is computed when first asked for: a run that does not test never
+        computes the test split's features (the prefix is frozen, so later is the same)."""
+        if name in self.datasets or not len(self.source.splits.get(name, ())):
             return
         was_training = [m.training for m in self.split._prefix]
         for m in self.split._prefix:
             m.eval()
-        for name in ("train", "val", "test"):
-            if len(self.source.splits.get(name, ())):
-                images = self.source.image_dataset(name, train=name == "train")
-                feats, labels = compute_features(
-                    self.split, images, self.source.batch_size, self.budget, self.disk_dir, name
-                )
-                self.datasets[name] = FeatureDataset(feats, labels)
-        for m, t in zip(self.split._prefix, was_training, strict=True):
-            m.train(t)
+        try:
+            images = self.source.image_dataset(name, train=name == "train")
+            feats, labels = compute_features(
+                self.split, images, self.source.batch_size, self.budget, self.disk_dir, name
+            )
+            self.datasets[name] = FeatureDataset(feats, labels)
+        finally:
+            for m, t in zip(self.split._prefix, was_training, strict=True):
+                m.train(t)
 
     def _loader(self, name: str, train: bool) -> DataLoader | TensorBatches:
-        self._build()
+        self._build(name)
         ds = self.datasets[name]
         batch = self.source.batch_size
         trainer = getattr(self, "trainer", None)

@@ -308,14 +308,15 @@ class ImageDataModule(L.LightningDataModule):
         return sample_weights(self.splits["train"].labels, weights)
 
     def set_preprocessing(self, preprocessing: Mapping[str, Any]) -> None:
-        """Take mean/std/interpolation from the model; resolution and crop from the data."""
+        """Take mean/std/interpolation from the model; resolution and crop from the data.
+        The same preprocessing again keeps what was decoded (``finetune=auto``'s candidate
+        runs share one DataModule)."""
+        wanted = {**preprocessing, "image_size": self.image_size, "crop_pct": self.crop_pct}
+        if wanted == self.preprocessing:
+            return
         self._decoded.clear()
         self._on_device.clear()
-        self.preprocessing = {
-            **preprocessing,
-            "image_size": self.image_size,
-            "crop_pct": self.crop_pct,
-        }
+        self.preprocessing = wanted
 
     def image_dataset(self, split: str, train: bool) -> Dataset:
         """A split with the training (``train``) or evaluation transform; decoded once into
