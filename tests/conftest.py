@@ -46,8 +46,11 @@ def make_cfg() -> Callable[..., DictConfig]:
 
 
 def tiny_overrides(root: Path, out: Path, *extra: str) -> list[str]:
-    """A tiny random-init model on a generated folder: seconds per run."""
+    """A tiny random-init model on a generated folder: seconds per run. The depth comes from
+    the table (``finetune=table``), not from ``finetune=auto``'s race of six short runs; a
+    ``finetune=`` in ``extra`` wins (the last override of a group does)."""
     return [
+        "finetune=table",
         "data=image_folder",
         f"data.root={root}",
         "data.image_size=32",

@@ -1,4 +1,5 @@
-"""The rule table in conf/finetune/auto.yaml, as users read and edit it, gives these plans."""
+"""The rule table in conf/finetune/table.yaml (finetune=table, and the prior and budget of
+finetune=auto), as users read and edit it, gives these plans."""
 
 import pytest
 from omegaconf import OmegaConf
@@ -7,7 +8,7 @@ from transferkit.policy import DEFAULT_EPOCHS, Plan, parse_blocks, resolve_plan,
 
 from .conftest import CONF_DIR
 
-AUTO = OmegaConf.to_container(OmegaConf.load(f"{CONF_DIR}/finetune/auto.yaml"))
+AUTO = OmegaConf.to_container(OmegaConf.load(f"{CONF_DIR}/finetune/table.yaml"))
 
 
 def counts(per_class: int, classes: int = 10) -> dict:

@@ -70,7 +70,7 @@ def test_interleaving_is_a_permutation_that_shows_every_class_first(sizes, seed)
     assert set(labels[order[: len(sizes)]].tolist()) == set(range(len(sizes)))
 
 
-AUTO = OmegaConf.to_container(OmegaConf.load(f"{CONF_DIR}/finetune/auto.yaml"), resolve=True)
+AUTO = OmegaConf.to_container(OmegaConf.load(f"{CONF_DIR}/finetune/table.yaml"), resolve=True)
 
 
 def _counts(per_class: int, classes: int) -> dict[str, int]:

@@ -172,10 +172,11 @@ def _instantiate_trainer(trainer_cfg: dict[str, Any], callbacks: list, loggers: 
         raise ConfigError(f"the trainer settings do not work here: {cause}") from e
 
 
-def build(cfg: DictConfig) -> dict[str, Any]:
-    """Data, model (with its plan), callbacks, loggers and trainer from a composed config."""
+def build(cfg: DictConfig, datamodule: Any = None) -> dict[str, Any]:
+    """Data, model (with its plan), callbacks, loggers and trainer from a composed config;
+    ``datamodule``: one built from the same ``cfg.data`` to reuse (its decoded images)."""
     check_multirun(cfg.trainer, _hydra_mode() == "MULTIRUN", _hydra_launcher())
-    dm = instantiate(cfg.data)
+    dm = datamodule if datamodule is not None else instantiate(cfg.data)
     dm.setup("fit")
     counts = dm.counts()
     optimizer = instantiate(cfg.optimizer)
@@ -221,6 +222,9 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         accumulate=trainer.accumulate_grad_batches,
         budget_rules=budget_rules(cfg),
     )
+    resume_from = None  # finetune=auto: the race's winner goes on from its checkpoint
+    if finetune_cfg.get("regime") == "auto" and finetune_cfg.get("race"):  # type: ignore[union-attr]
+        plan, resume_from = _measure_depth(cfg, plan, counts, dm, trainer)
     model.set_plan(plan)
     dm.set_preprocessing(model.preprocessing)
     log.info("fine-tuning plan: %s", plan.reason)
@@ -255,15 +259,51 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         "plan": plan,
         "precision": precision,
         "trainer": trainer,
+        "resume_from": resume_from,
     }
+
+
+def _measure_depth(cfg: DictConfig, plan: Any, counts: dict[str, int], dm: Any,
+                   trainer: Any) -> tuple[Any, str | None]:  # fmt: skip
+    """``finetune=auto``: the table's plan with the depth the race measured (or the one a
+    resumed checkpoint or rank 0 holds), and the checkpoint of the race's winner to go on
+    from (or None); see ``transferkit.autodepth``."""
+    from transferkit import autodepth
+    from transferkit.policy import epochs_for_steps, steps_per_epoch, with_depth
+
+    accumulate = trainer.accumulate_grad_batches
+
+    def epochs_of(steps: int) -> int:  # a candidate runs on one device
+        return epochs_for_steps(steps, counts["train_size"], dm.batch_size, 1, accumulate)
+
+    if not len(dm.splits.get("val", ())) and not cfg.get("ckpt_path"):
+        raise ConfigError(
+            "finetune=auto races candidate depths on the validation split, and this run has "
+            "none: set data.val_fraction > 0 (or add a val/ folder), or choose the depth "
+            "(finetune=table, or finetune=partial finetune.trainable_blocks=N)."
+        )
+    log.info("fine-tuning plan (the table's prior): %s", plan.reason)
+    decision = autodepth.decide(
+        cfg,
+        plan.total_blocks,
+        plan.trainable_blocks,
+        int(plan.budget["steps"]),
+        epochs_of,
+        datamodule=dm,
+        world_size=trainer.world_size,
+        external=_shared_timing_impossible(trainer),
+        steps_per_epoch=steps_per_epoch(counts["train_size"], dm.batch_size, 1, accumulate),
+    )
+    plan = with_depth(plan, decision.blocks, decision.as_dict(), decision.reason)
+    return plan, decision.resume_from
 
 
 def budget_rules(cfg: DictConfig) -> list[Any]:
     """The table a fixed regime takes its step budget from: ``finetune.rules`` when the
-    config has them, else the shipped ``finetune=auto`` table."""
+    config has them, else the shipped ``finetune=table`` rows."""
     rules: Any = cfg.finetune.get("rules")
     if rules is None:
-        table: Any = OmegaConf.load(Path(CONFIG_DIR) / "finetune" / "auto.yaml")
+        table: Any = OmegaConf.load(Path(CONFIG_DIR) / "finetune" / "table.yaml")
         rules = table.get("rules")
     return list(OmegaConf.to_container(rules, resolve=True) or [])
 
@@ -374,11 +414,12 @@ def _instantiate_logger(name: str, node: DictConfig) -> Any:
         ) from e
 
 
-def finetune(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Fit, test the best checkpoint, write ``summary.json``; return (summary, objects)."""
+def finetune(cfg: DictConfig, datamodule: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fit, test the best checkpoint, write ``summary.json``; return (summary, objects).
+    ``datamodule``: one built from the same ``cfg.data`` to reuse (see :func:`build`)."""
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
-    objects = build(cfg)
+    objects = build(cfg, datamodule)
     dm, model, plan, trainer = (objects[k] for k in ("datamodule", "model", "plan", "trainer"))
     fit_dm = objects["fit_datamodule"]  # dm itself, or its cached frozen-prefix features
     out_dir = Path(cfg.paths.output_dir)
@@ -393,7 +434,12 @@ def finetune(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
         lr_find = tune_lr(cfg, objects)
     start = time.perf_counter()
-    trainer.fit(model, datamodule=fit_dm, ckpt_path=cfg.get("ckpt_path"))
+    go_on = objects.get("resume_from")  # finetune=auto's winner, from its last race round
+    try:
+        trainer.fit(model, datamodule=fit_dm, ckpt_path=cfg.get("ckpt_path") or go_on)
+    finally:
+        if go_on:
+            Path(go_on).unlink(missing_ok=True)
     # A SIGTERM that came after Lightning's last look at it (fit was ending): stop before
     # testing rather than run on, since test() starts with Lightning's flag cleared.
     preemption.check()
@@ -458,6 +504,7 @@ def finetune(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         "plan": {
             **{k: plan.as_dict()[k] for k in ("regime", "trainable_blocks", "total_blocks")},
             "rule": plan.rule,
+            "measured": plan.measured,
             "schedule": plan.as_dict()["schedule"],
             "budget": plan.budget,
             "reason": plan.reason,

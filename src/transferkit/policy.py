@@ -2,7 +2,8 @@
 
 ``resolve_plan`` is a pure function of the ``finetune`` config, the training-set counts and
 the backbone's number of blocks. For ``regime: auto`` it walks the YAML rule table of
-``conf/finetune/auto.yaml`` and takes the first row that matches.
+``conf/finetune/table.yaml`` and takes the first row that matches (``finetune=table``;
+``finetune=auto`` then measures the depth: ``transferkit.autodepth``).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ class Plan:
             ``batch_per_device``, ``devices``, ``global_batch`` and ``from`` (the setting
             that decided it).
         rule: the row of the rule table that chose this plan (``auto`` only).
+        measured: ``finetune=auto``'s race: the depth it chose, each candidate's score and
+            cost, and the time it took (:class:`transferkit.autodepth.Decision`).
         counts: training-set counts the decision used.
         reason: one line for the log.
     """
@@ -61,6 +64,7 @@ class Plan:
     epochs: int | None = None
     budget: dict[str, Any] = field(default_factory=dict)
     rule: dict[str, Any] | None = None
+    measured: dict[str, Any] | None = None
     counts: dict[str, int] = field(default_factory=dict)
     reason: str = ""
 
@@ -285,6 +289,16 @@ def resolve_plan(
         counts=dict(counts),
     )
     return _with_reason(plan, settings.get("why"))
+
+
+def with_depth(plan: Plan, blocks: int, measured: dict[str, Any], why: str) -> Plan:
+    """``plan`` with ``blocks`` trainable from the start (``finetune=auto``'s measured
+    choice): a linear probe at 0, a full fine-tune at all blocks, else partial."""
+    regime = ("linear_probe" if blocks == 0 else
+              "full" if blocks == plan.total_blocks else "partial")  # fmt: skip
+    changed = Plan(**{**plan.__dict__, "regime": regime, "trainable_blocks": blocks,
+                      "schedule": (), "measured": measured})  # fmt: skip
+    return _with_reason(changed, why)
 
 
 def _with_reason(plan: Plan, why: str | None) -> Plan:

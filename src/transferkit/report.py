@@ -309,13 +309,16 @@ def render_report(
     confusion: list[str] | None,
     config_yaml: str,
     gallery: list[str] | None = None,
+    race_png: str | None = None,
 ) -> str:
-    """``report.md`` text. ``curves``: ``png``, ``marks`` and a ``note``; None: no CSV."""
+    """``report.md`` text. ``curves``: ``png``, ``marks`` and a ``note``; None: no CSV.
+    ``race_png``: the figure of ``finetune=auto``'s race, if it raced."""
     plan = summary.get("plan", {})
     out = ["# transferkit run report", "", "## Plan", "", str(plan.get("reason", "")), ""]
     settings = [(k, budget_text(v) if k == "budget" else v) for k, v in plan.items()
-                if k != "reason"]  # fmt: skip
+                if k not in ("reason", "measured")]  # fmt: skip
     out += _table(("setting", "value"), settings)
+    out += race_section(plan.get("measured"), race_png)
     out += ["", "## Data", ""]
     names = list(split_counts)
     rows = [(c, *(split_counts[s][i] for s in names)) for i, c in enumerate(class_names)]
@@ -343,6 +346,28 @@ def render_report(
     out += ["## Versions", ""]
     out += _table(("package", "version"), list(versions().items()))
     return "\n".join(out) + "\n"
+
+
+def race_section(measured: Mapping[str, Any] | None, png: str | None) -> list[str]:
+    """``finetune=auto``'s decision: every candidate's short run, its score and cost."""
+    if not measured:
+        return []
+    from transferkit.autodepth import binomial_se
+
+    out = ["", "## How the depth was chosen (finetune=auto)", "", str(measured.get("reason", ""))]
+    out += ["", f"Source: {measured.get('source')}; the table's prior was "
+            f"{measured.get('prior_blocks')} blocks; the decision took "
+            f"{float(measured.get('seconds') or 0):.0f} s.", ""]  # fmt: skip
+    rows = [(t["round"] + 1, t["blocks"], t["steps"],
+             f"{abs(t['score']):.4f} ± {binomial_se(abs(t['score']), t['val_size']):.4f}",
+             t["val_size"], f"{t['seconds']:.1f}")
+            for t in measured.get("trials") or []]  # fmt: skip
+    if rows:
+        out += _table(("round", "trainable blocks", "steps", "validation score ± s.e.",
+                       "validation images", "seconds"), rows)  # fmt: skip
+    if png:
+        out += ["", f"![the race]({png})"]
+    return out
 
 
 def curve_marks(
@@ -422,7 +447,15 @@ def write_run_report(
         config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     except Exception:  # e.g. ${hydra:...} outside a Hydra app
         config_yaml = OmegaConf.to_yaml(cfg)
-    text = render_report(summary, split_counts, names, curves, confusion, config_yaml, gallery)
+    race_png = None
+    measured = (summary.get("plan") or {}).get("measured")
+    if measured and measured.get("trials"):
+        from transferkit.autodepth import plot_race
+
+        if plot_race(measured, out_dir / "auto_race.png", cfg.monitor):
+            race_png = "auto_race.png"
+    text = render_report(summary, split_counts, names, curves, confusion, config_yaml, gallery,
+                         race_png)  # fmt: skip
     path = out_dir / "report.md"
     atomic_write_bytes(path, text.encode())
     print(f"  report: {path}")

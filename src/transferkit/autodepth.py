@@ -1,0 +1,420 @@
+"""``finetune=auto``: how many blocks to fine-tune, decided by a short race on the data.
+
+The count-keyed table (``finetune=table``) gives the prior: the step budget for the data size
+and a depth. ``auto`` then measures. Every candidate depth of ``finetune.race.candidates``
+(by default 0, a quarter, half and all of the backbone's blocks) trains a short run of the
+same recipe, a ``fraction`` of the budget, on the training split and is scored on the
+validation split. Successive halving (Jamieson & Talwalkar 2016; Li et al. 2017,
+Hyperband) keeps the better ``1/eta`` of them for a round ``eta`` times as long. Among the
+last round's candidates, the cheapest (measured seconds) whose score is within ``z``
+binomial standard errors of the best is the choice: a deeper network must beat a cheaper
+one by more than the validation split can resolve. The chosen depth then trains the full
+budget from scratch, exactly as ``finetune=partial`` at that depth would.
+
+The race composes with the rest of a run:
+
+- each candidate runs through :func:`transferkit.finetune.finetune`, so a shallow one
+  trains on its cached frozen prefix (``finetune.cache_features``) and costs little;
+- the random state is restored after the race, so the final run is the fixed-depth run;
+- under DDP rank 0 races on its device before the processes start and hands the decision
+  down in the environment (:data:`ENV`); processes that an outside launcher started
+  (torchrun, SLURM) cannot share it, and take the table's depth instead;
+- a resumed run takes the decision its checkpoint holds and does not race again.
+
+:func:`halving` and :func:`pick` are pure (the runner is passed in), so the decision logic
+is tested without training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from transferkit.errors import ConfigError
+from transferkit.policy import parse_blocks
+
+log = logging.getLogger("transferkit")
+
+#: Environment variable holding rank 0's decision for the processes Lightning starts.
+ENV = "TRANSFERKIT_AUTO_DECISION"
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One candidate's short run: its depth, steps, validation score and cost."""
+
+    blocks: int
+    steps: int
+    score: float
+    val_size: int
+    seconds: float
+    round: int
+
+    @property
+    def se(self) -> float:
+        """Binomial standard error of the score on ``val_size`` images."""
+        return binomial_se(self.score, self.val_size)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the race chose and why, for the plan, ``summary.json`` and the report."""
+
+    blocks: int
+    prior_blocks: int
+    trials: tuple[Trial, ...] = ()
+    seconds: float = 0.0
+    reason: str = ""
+    source: str = "race"  # race | checkpoint | rank 0 | table
+    resume_from: str | None = None  # the winner's checkpoint, for the final run to go on from
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["trials"] = [asdict(t) for t in self.trials]
+        d.pop("resume_from")  # a file of this process only
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str) -> Decision:
+        trials = tuple(Trial(**t) for t in d.get("trials") or ())
+        return cls(
+            blocks=int(d["blocks"]),
+            prior_blocks=int(d.get("prior_blocks", d["blocks"])),
+            trials=trials,
+            seconds=float(d.get("seconds", 0.0)),
+            reason=str(d.get("reason", "")),
+            source=source,
+        )
+
+
+def binomial_se(p: float, n: int) -> float:
+    """Standard error of an accuracy ``p`` measured on ``n`` images (0.5/n floor: a perfect
+    score on few images is not certain)."""
+    if n <= 0:
+        return float("inf")
+    p = min(max(p, 0.5 / n), 1 - 0.5 / n)
+    return math.sqrt(p * (1 - p) / n)
+
+
+def ladder(spec: Sequence[Any], total: int) -> list[int]:
+    """The candidate depths, as block counts in increasing order (duplicates dropped)."""
+    if not spec:
+        raise ConfigError(
+            "finetune.race.candidates is empty; give depths such as [0, 0.25, 0.5, all]."
+        )
+    blocks = {parse_blocks(v, total, "finetune.race.candidates") for v in spec}
+    return sorted(blocks)
+
+
+def pick(trials: Sequence[Trial], z: float = 1.0) -> tuple[Trial, str]:
+    """The cheapest trial whose score is within ``z`` standard errors of the difference to
+    the best (two independent binomial estimates: ``sqrt(se_a² + se_b²)``); among equal
+    costs the fewer blocks. Returns it and the reason."""
+    if not trials:
+        raise ValueError("pick() needs at least one trial")
+    best = max(trials, key=lambda t: (t.score, -t.seconds))
+    close = [t for t in trials if best.score - t.score <= z * math.hypot(best.se, t.se) + 1e-12]
+    chosen = min(close, key=lambda t: (t.seconds, t.blocks))
+    if chosen is best:
+        return chosen, f"{chosen.blocks} blocks scored best ({chosen.score:.3f})"
+    return chosen, (
+        f"{chosen.blocks} blocks ({chosen.score:.3f}, {chosen.seconds:.0f} s) are within "
+        f"{z:g} standard error of the best, {best.blocks} blocks ({best.score:.3f}, "
+        f"{best.seconds:.0f} s), and cheaper"
+    )
+
+
+def halving(
+    candidates: Sequence[int],
+    run: Callable[[int, int, int], tuple[float, int, float]],
+    budget_steps: int,
+    fraction: float = 0.125,
+    eta: int = 2,
+    rounds: int = 2,
+    min_steps: int = 10,
+    z: float = 1.0,
+) -> tuple[int, list[Trial], str]:
+    """Successive halving over ``candidates`` (block counts).
+
+    Round ``r`` (0-based) trains each remaining candidate ``eta**r`` times the first
+    round's steps (``fraction`` of ``budget_steps``, at least ``min_steps``; never more than
+    the budget) through ``run(blocks,
+    steps, round) -> (score, val_size, seconds)``; the best ``ceil(n / eta)`` go on. The
+    choice is :func:`pick` over the last round.
+
+    Returns:
+        the chosen block count, every trial, and the reason.
+    """
+    if not 0 < fraction <= 1:
+        raise ConfigError(f"finetune.race.fraction={fraction!r}: give a share in (0, 1].")
+    if eta < 2 or rounds < 1:
+        raise ConfigError("finetune.race.eta must be >= 2 and finetune.race.rounds >= 1.")
+    alive = list(candidates)
+    trials: list[Trial] = []
+    last: list[Trial] = []
+    for r in range(rounds):
+        steps = min(budget_steps, max(min_steps, round(budget_steps * fraction)) * eta**r)
+        last = []
+        for blocks in alive:
+            score, val_size, seconds = run(blocks, steps, r)
+            last.append(Trial(blocks, steps, float(score), int(val_size), float(seconds), r))
+        trials += last
+        if len(alive) <= 1 or r == rounds - 1:
+            break
+        keep = max(1, math.ceil(len(alive) / eta))
+        ranked = sorted(last, key=lambda t: (-t.score, t.seconds))
+        alive = sorted(t.blocks for t in ranked[:keep])
+    chosen, why = pick(last, z)
+    return chosen.blocks, trials, why
+
+
+# -- running the race ----------------------------------------------------------------------
+
+
+def inherited() -> Decision | None:
+    """Rank 0's decision, in a process Lightning started for DDP."""
+    value = os.environ.get(ENV)
+    if value and int(os.environ.get("LOCAL_RANK", "0") or 0) > 0:
+        try:
+            return Decision.from_dict(json.loads(value), "rank 0")
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{ENV} holds no valid decision ({e}); unset it.") from e
+    return None
+
+
+def from_checkpoint(path: str) -> Decision | None:
+    """The decision a checkpoint of an ``auto`` run holds (read without running code)."""
+    from transferkit.checkpoint_io import read_checkpoint
+
+    plan = (read_checkpoint(path).get("transferkit") or {}).get("plan") or {}
+    measured = plan.get("measured")
+    return Decision.from_dict(measured, "checkpoint") if measured else None
+
+
+def candidate_config(cfg: Any, blocks: int, steps: int, epochs: int, out_dir: Path,
+                     batches: int | None = None, resume: Path | None = None) -> Any:  # fmt: skip
+    """The config of one candidate's short run: ``finetune=partial`` at ``blocks`` for
+    ``steps`` steps (``epochs`` epochs; ``batches``: the batches of a run shorter than an
+    epoch) with the run's own recipe, on one device, validated once at its end, without
+    testing, logging or a report; ``resume``: the checkpoint of its previous round."""
+    from omegaconf import OmegaConf, open_dict
+
+    c = copy.deepcopy(cfg)
+    with open_dict(c):
+        ft = c.finetune
+        race_keys = ("regime", "rules", "race", "steps", "trainable_blocks", "why")
+        kept = {k: v for k, v in OmegaConf.to_container(ft, resolve=True).items()  # type: ignore[union-attr]
+                if k not in race_keys}  # fmt: skip
+        c.finetune = OmegaConf.create(
+            {**kept, "regime": "partial", "trainable_blocks": blocks, "steps": steps}
+        )
+        c.trainer.max_epochs = None
+        c.trainer.check_val_every_n_epoch = epochs  # scored once, on the last weights
+        c.trainer.num_sanity_val_steps = 0
+        c.trainer.enable_progress_bar = False
+        if int(c.trainer.get("num_nodes") or 1) > 1 or str(c.trainer.get("devices")) not in (
+            "1", "auto"
+        ):  # fmt: skip
+            c.trainer.devices = 1
+            c.trainer.num_nodes = 1
+            c.trainer.strategy = "auto"
+        if c.trainer.get("devices") == "auto":
+            c.trainer.devices = 1
+        if batches is not None:  # shorter than an epoch: the first batches of epoch 0
+            c.trainer.limit_train_batches = batches
+        c.logger = None
+        c.test = False
+        c.report = False
+        c.ckpt_path = str(resume) if resume is not None else None
+        if c.get("tune"):
+            c.tune.lr_find = False
+        c.paths.output_dir = str(out_dir)
+    return c
+
+
+def continuable(cfg: Any, world_size: int) -> bool:
+    """Whether a candidate's run can go on where it stopped and be the run it would have
+    been from the start: a constant learning rate (``scheduler=none``; a schedule is laid
+    out over the run's length) on one device (the race runs on one)."""
+    scheduler = cfg.get("scheduler") or {}
+    return scheduler.get("scheduler") is None and world_size == 1
+
+
+def race(cfg: Any, total_blocks: int, prior_blocks: int, budget_steps: int,
+         epochs_of: Callable[[int], int], datamodule: Any = None,
+         steps_per_epoch: int | None = None, world_size: int = 1) -> Decision:  # fmt: skip
+    """Run the race for the composed run config ``cfg`` (``finetune=auto``);
+    ``epochs_of(steps)``: the epochs a candidate of ``steps`` steps runs; ``datamodule``:
+    the run's own, whose decoded images the candidates share.
+
+    With a constant LR (:func:`continuable`) a candidate's next round continues its
+    previous one from its checkpoint, and the winner's checkpoint is kept (the
+    decision's ``resume_from``) for the final run to continue: no step of the winner is
+    trained twice. A run shorter than an epoch trains the epoch's first batches and is
+    restarted, not continued."""
+    from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+
+    from transferkit.finetune import finetune
+
+    settings = cfg.finetune.get("race") or {}
+    candidates = ladder(list(settings.get("candidates", [0, 0.25, 0.5, "all"])), total_blocks)
+    root = Path(cfg.paths.output_dir) / "auto"
+    keep = bool(settings.get("keep_runs", False))
+    go_on = continuable(cfg, world_size) and bool(settings.get("continue", True))
+    whole: dict[int, Path] = {}  # blocks → the last.ckpt of its last whole-epoch run
+    per_epoch = steps_per_epoch or 0
+    accumulate = int(cfg.trainer.get("accumulate_grad_batches") or 1)
+
+    def run(blocks: int, steps: int, rnd: int) -> tuple[float, int, float]:
+        out = root / f"blocks{blocks}"
+        short = steps < per_epoch
+        resume = whole.pop(blocks, None) if go_on and not short else None
+        if resume is None:
+            shutil.rmtree(out, ignore_errors=True)
+        c = candidate_config(cfg, blocks, steps, epochs_of(steps), out,
+                             batches=steps * accumulate if short else None,
+                             resume=resume)  # fmt: skip
+        start = time.perf_counter()
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # one summary, the run's own
+                summary, objects = finetune(c, datamodule)
+            del objects
+        finally:
+            if datamodule is not None:  # the next run (and the final one) sets its own
+                datamodule.trainer = None
+        seconds = time.perf_counter() - start
+        score = summary["objective"]["value"]
+        if score is None:
+            raise ConfigError(
+                "finetune=auto races candidate depths on the validation split, and this run "
+                "has none: set data.val_fraction > 0, or choose a depth (finetune=table, "
+                "finetune=partial finetune.trainable_blocks=...)."
+            )
+        if cfg.mode == "min":  # losses: smaller is better; the race maximises
+            score = -float(score)
+        log.info("auto: %d blocks, %d steps: %s %.4f in %.0f s", blocks, steps,
+                 cfg.monitor, abs(score), seconds)  # fmt: skip
+        last = out / "checkpoints" / "last.ckpt"
+        if go_on and not short and last.is_file():
+            whole[blocks] = last
+        elif not keep:
+            shutil.rmtree(out, ignore_errors=True)
+        return float(score), int(summary["val_size"]), seconds
+
+    states = _collect_rng_states(include_cuda=True)
+    start = time.perf_counter()
+    try:
+        blocks, trials, why = halving(
+            candidates,
+            run,
+            budget_steps,
+            fraction=float(settings.get("fraction", 0.0625)),
+            eta=int(settings.get("eta", 2)),
+            rounds=int(settings.get("rounds", 2)),
+            min_steps=int(settings.get("min_steps", 10)),
+            # a loss is no proportion: no binomial error, the best wins
+            z=float(settings.get("z", 1.0)) if cfg.mode == "max" else 0.0,
+        )
+        resume_from = None
+        if blocks in whole:  # the winner goes on from its last round
+            resume_from = root / "continue.ckpt"
+            os.replace(whole[blocks], resume_from)
+    finally:
+        _set_rng_states(states)
+        if not keep:
+            for sub in root.glob("blocks*"):
+                shutil.rmtree(sub, ignore_errors=True)
+    seconds = time.perf_counter() - start
+    reason = f"measured: {why} after racing {candidates} blocks ({seconds:.0f} s)"
+    done = max(t.steps for t in trials if t.blocks == blocks)
+    if resume_from is not None:
+        reason += f"; it goes on from its {done} steps of the race"
+    return Decision(blocks, prior_blocks, tuple(trials), round(seconds, 2), reason,
+                    resume_from=str(resume_from) if resume_from else None)  # fmt: skip
+
+
+def table_only(prior_blocks: int, why: str) -> Decision:
+    return Decision(prior_blocks, prior_blocks, (), 0.0, why, "table")
+
+
+def decide(cfg: Any, total_blocks: int, prior_blocks: int, budget_steps: int,
+           epochs_of: Callable[[int], int], datamodule: Any = None, world_size: int = 1,
+           external: str | None = None,
+           steps_per_epoch: int | None = None) -> Decision:  # fmt: skip
+    """The depth of a ``finetune=auto`` run: from its checkpoint when resuming, from rank 0
+    in a DDP child, else measured (and handed to the DDP children)."""
+    if cfg.get("ckpt_path"):
+        saved = from_checkpoint(cfg.ckpt_path)
+        if saved is not None:
+            return saved
+        return table_only(prior_blocks, "resumed from a checkpoint without a race: the table")
+    given = inherited()
+    if given is not None:
+        return given
+    if external:
+        return table_only(
+            prior_blocks,
+            f"{external}: the processes cannot share one race, so the table's depth "
+            "(run finetune=auto on one device first and pass its depth, or use finetune=table)",
+        )
+    decision = race(cfg, total_blocks, prior_blocks, budget_steps, epochs_of, datamodule,
+                    steps_per_epoch, world_size)  # fmt: skip
+    if world_size > 1:
+        os.environ[ENV] = json.dumps(decision.as_dict())
+    return decision
+
+
+def plot_race(measured: Mapping[str, Any], path: Path, monitor: str = "val/acc") -> Path | None:
+    """A small figure of the race: each trial's validation score with its standard error
+    against the seconds it took, the chosen depth marked. None without trials."""
+    from transferkit.io import atomic_write_bytes
+
+    trials = measured.get("trials") or []
+    if not trials:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for rnd in sorted({t["round"] for t in trials}):
+        ts = [t for t in trials if t["round"] == rnd]
+        ax.errorbar(
+            [t["seconds"] for t in ts],
+            [abs(t["score"]) for t in ts],
+            yerr=[binomial_se(abs(t["score"]), t["val_size"]) for t in ts],
+            fmt="o" if rnd == 0 else "s",
+            capsize=3,
+            label=f"round {rnd + 1} ({ts[0]['steps']} steps)",
+        )
+        for t in ts:
+            ax.annotate(str(t["blocks"]), (t["seconds"], abs(t["score"])),
+                        textcoords="offset points", xytext=(4, 4), fontsize=8)  # fmt: skip
+    last = [t for t in trials if t["round"] == max(x["round"] for x in trials)]
+    chosen = [t for t in last if t["blocks"] == measured["blocks"]]
+    if chosen:
+        ax.scatter([chosen[0]["seconds"]], [abs(chosen[0]["score"])], s=160,
+                   facecolors="none", edgecolors="black", label="chosen")  # fmt: skip
+    ax.set_xlabel("seconds of the short run")
+    ax.set_ylabel(f"best {monitor} (± 1 s.e.)")
+    ax.set_title("finetune=auto: the race (labels: trainable blocks)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path

@@ -1,0 +1,159 @@
+"""``finetune=auto`` measures the depth: successive halving over candidate depths, the cheapest
+within noise of the best, and a run that composes with caching, resume and DDP."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import tiny_overrides, write_images
+from transferkit import autodepth
+from transferkit.autodepth import Decision, Trial, binomial_se, halving, ladder, pick
+from transferkit.errors import ConfigError
+
+
+def test_binomial_se_is_the_accuracy_noise_on_the_validation_size():
+    assert binomial_se(0.9, 1000) == pytest.approx((0.9 * 0.1 / 1000) ** 0.5)
+    assert binomial_se(1.0, 100) > 0  # a perfect score on 100 images is not certain
+    assert binomial_se(0.9, 100) > binomial_se(0.9, 10_000)
+
+
+def test_ladder_turns_shares_into_sorted_unique_block_counts():
+    assert ladder([0, 0.25, 0.5, "all"], 17) == [0, 4, 8, 17]
+    assert ladder(["all", 0, 17, 0.25], 17) == [0, 4, 17]
+    with pytest.raises(ConfigError, match=r"race.candidates=1.5"):
+        ladder([0, 1.5], 17)
+    with pytest.raises(ConfigError, match="empty"):
+        ladder([], 17)
+
+
+def test_pick_takes_the_cheapest_within_noise_and_the_best_beyond_it():
+    deep = Trial(blocks=17, steps=20, score=0.90, val_size=200, seconds=30.0, round=1)
+    shallow = Trial(blocks=4, steps=20, score=0.88, val_size=200, seconds=10.0, round=1)
+    chosen, why = pick([deep, shallow])
+    assert chosen is shallow  # 2 points on 200 images: well within one standard error
+    assert "within 1 standard error" in why and "cheaper" in why
+    big = [Trial(t.blocks, t.steps, t.score, 20_000, t.seconds, 1) for t in (deep, shallow)]
+    chosen, why = pick(big)  # the same gap on 20,000 images is real
+    assert chosen.blocks == 17 and "scored best" in why
+    chosen, _ = pick([deep, shallow], z=0.0)  # z=0: the best, whatever it costs
+    assert chosen is deep
+
+
+def test_halving_keeps_the_better_half_for_a_longer_round():
+    calls = []
+    quality = {0: 0.70, 4: 0.85, 8: 0.84, 17: 0.60}
+
+    def run(blocks, steps, rnd):
+        calls.append((blocks, steps, rnd))
+        return quality[blocks] + steps / 10_000, 100_000, float(1 + blocks)
+
+    blocks, trials, _ = halving([0, 4, 8, 17], run, budget_steps=160, fraction=0.125)
+    assert [c for c in calls if c[2] == 0] == [(0, 20, 0), (4, 20, 0), (8, 20, 0), (17, 20, 0)]
+    assert [c for c in calls if c[2] == 1] == [(4, 40, 1), (8, 40, 1)]
+    assert blocks == 4 and len(trials) == 6
+    # one round, a floor on the steps, and never past the budget
+    calls.clear()
+    halving([0, 4], run, budget_steps=30, fraction=0.1, rounds=1, min_steps=10)
+    assert calls == [(0, 10, 0), (4, 10, 0)]
+    calls.clear()
+    halving([0, 4], run, budget_steps=30, fraction=0.5, eta=4, rounds=3, min_steps=10)
+    assert calls == [(0, 15, 0), (4, 15, 0), (4, 30, 1)]
+
+
+@pytest.mark.parametrize("bad", [{"fraction": 0.0}, {"fraction": 1.5}, {"eta": 1}, {"rounds": 0}])
+def test_halving_refuses_settings_that_cannot_race(bad):
+    with pytest.raises(ConfigError, match=r"finetune\.race"):
+        halving([0, 4], lambda b, s, r: (0.5, 10, 1.0), 100, **bad)
+
+
+def test_a_ddp_child_takes_rank_zeros_decision_and_never_races(monkeypatch, make_cfg):
+    decided = Decision(3, 1, (Trial(3, 10, 0.9, 100, 2.0, 0),), 5.0, "measured", "race")
+    monkeypatch.setenv(autodepth.ENV, json.dumps(decided.as_dict()))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(autodepth, "race", lambda *a, **k: pytest.fail("a child raced"))
+    got = autodepth.decide(make_cfg(), 6, 1, 100, lambda s: 1)
+    assert (got.blocks, got.source, got.trials) == (3, "rank 0", decided.trials)
+    monkeypatch.setenv(autodepth.ENV, "{not json")
+    with pytest.raises(ConfigError, match=autodepth.ENV):
+        autodepth.decide(make_cfg(), 6, 1, 100, lambda s: 1)
+
+
+def test_processes_an_outside_launcher_started_take_the_table(monkeypatch, make_cfg):
+    monkeypatch.delenv(autodepth.ENV, raising=False)
+    monkeypatch.setattr(autodepth, "race", lambda *a, **k: pytest.fail("raced"))
+    got = autodepth.decide(make_cfg(), 6, 2, 100, lambda s: 1, external="torchrun")
+    assert (got.blocks, got.source) == (2, "table") and "torchrun" in got.reason
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    root = tmp_path / "images"
+    write_images(root, ["ant", "bee", "cat"], per_class=16)
+    return root
+
+
+def test_auto_races_then_trains_the_chosen_depth_as_the_fixed_run_would(make_cfg, folder, tmp_path):
+    from transferkit.finetune import finetune
+
+    common = ["trainer.max_epochs=null", "finetune.steps=24", "report=true", "logger=csv"]
+    auto_cfg = make_cfg(*tiny_overrides(folder, tmp_path / "auto", "finetune=auto", *common))
+    summary, _ = finetune(auto_cfg)
+    measured = summary["plan"]["measured"]
+    assert measured["source"] == "race" and measured["seconds"] > 0
+    total = summary["total_blocks"]
+    first = [t for t in measured["trials"] if t["round"] == 0]
+    assert [t["blocks"] for t in first] == ladder([0, 0.25, 0.5, "all"], total)
+    assert all(t["val_size"] == summary["val_size"] and t["steps"] == 10 for t in first)
+    second = [t for t in measured["trials"] if t["round"] == 1]
+    assert len(second) == 2 and all(t["steps"] == 20 for t in second)
+    chosen = measured["blocks"]
+    assert summary["plan"]["trainable_blocks"] == chosen
+    assert "measured" in summary["plan"]["reason"]
+    assert not list((tmp_path / "auto" / "auto").glob("*"))  # the candidates' folders are gone
+    report = (tmp_path / "auto" / "report.md").read_text()
+    assert "How the depth was chosen" in report and (tmp_path / "auto" / "auto_race.png").is_file()
+
+    assert "goes on from its 20 steps of the race" in measured["reason"]
+    assert not (tmp_path / "auto" / "auto" / "continue.ckpt").exists()
+
+    # The race leaves the random state as it found it, and the winner went on from its last
+    # round (constant LR): its final weights are those of the fixed run at that depth.
+    fixed_cfg = make_cfg(
+        *tiny_overrides(
+            folder,
+            tmp_path / "fixed",
+            "finetune=partial",
+            f"finetune.trainable_blocks={chosen}",
+            *common,
+        )
+    )
+    fixed, _ = finetune(fixed_cfg)
+    assert fixed["trainable_blocks"] == chosen and fixed["global_steps"] == summary["global_steps"]
+    ours = torch.load(tmp_path / "auto" / "checkpoints" / "last.ckpt", weights_only=True)
+    theirs = torch.load(tmp_path / "fixed" / "checkpoints" / "last.ckpt", weights_only=True)
+    for name, value in theirs["state_dict"].items():
+        torch.testing.assert_close(ours["state_dict"][name], value, msg=name)
+
+    # a resumed run takes the checkpoint's decision and does not race again
+    last = tmp_path / "auto" / "checkpoints" / "last.ckpt"
+    assert (
+        torch.load(last, weights_only=True)["transferkit"]["plan"]["measured"]["blocks"] == chosen
+    )
+    resumed_cfg = make_cfg(*tiny_overrides(folder, tmp_path / "auto", "finetune=auto", *common,
+                                           f"ckpt_path={last}"))  # fmt: skip
+    resumed, _ = finetune(resumed_cfg)
+    assert resumed["plan"]["measured"]["source"] == "checkpoint"
+    assert resumed["plan"]["trainable_blocks"] == chosen
+
+
+def test_auto_without_a_validation_split_says_what_to_do(make_cfg, folder, tmp_path):
+    from transferkit.finetune import finetune
+
+    cfg = make_cfg(*tiny_overrides(folder, tmp_path / "r", "finetune=auto", "data.val_fraction=0",
+                                   "trainer.max_epochs=null", "finetune.steps=10"))  # fmt: skip
+    with pytest.raises(ConfigError, match="val_fraction > 0"):
+        finetune(cfg)
