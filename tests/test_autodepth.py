@@ -11,7 +11,15 @@ import torch
 
 from tests.conftest import tiny_overrides, write_images
 from transferkit import autodepth
-from transferkit.autodepth import Decision, Trial, binomial_se, halving, ladder, pick
+from transferkit.autodepth import (
+    Decision,
+    Trial,
+    binomial_se,
+    halving,
+    ladder,
+    pick,
+    round_steps,
+)
 from transferkit.errors import ConfigError
 
 
@@ -43,31 +51,51 @@ def test_pick_takes_the_cheapest_within_noise_and_the_best_beyond_it():
     assert chosen is deep
 
 
+def test_pick_uses_the_paired_error_when_it_has_the_images():
+    # 200 validation images; the deeper model gets 6 more right and disagrees on only those
+    deep = Trial(blocks=8, steps=20, score=0.83, val_size=200, seconds=20.0, round=1)
+    shallow = Trial(blocks=4, steps=20, score=0.80, val_size=200, seconds=10.0, round=1)
+    chosen, _ = pick([deep, shallow])  # unpaired: 3 points is within sqrt(se² + se²) ≈ 3.9
+    assert chosen is shallow
+    right = [True] * 160 + [False] * 40
+    paired = {(4, 1): right, (8, 1): right[:160] + [True] * 6 + [False] * 34}
+    chosen, why = pick([deep, shallow], paired=paired)  # paired: 6 images of 6 disagreements
+    assert chosen is deep and "scored best" in why
+
+
 def test_halving_keeps_the_better_half_for_a_longer_round():
     calls = []
     quality = {0: 0.70, 4: 0.85, 8: 0.84, 17: 0.60}
 
     def run(blocks, steps, rnd):
         calls.append((blocks, steps, rnd))
-        return quality[blocks] + steps / 10_000, 100_000, float(1 + blocks)
+        return quality[blocks] + steps / 10_000, 100_000, float(1 + blocks), None
 
-    blocks, trials, _ = halving([0, 4, 8, 17], run, budget_steps=160, fraction=0.125)
+    blocks, trials, _ = halving([0, 4, 8, 17], run, budget_steps=160, fractions=(0.125, 0.5))
     assert [c for c in calls if c[2] == 0] == [(0, 20, 0), (4, 20, 0), (8, 20, 0), (17, 20, 0)]
-    assert [c for c in calls if c[2] == 1] == [(4, 40, 1), (8, 40, 1)]
+    assert [c for c in calls if c[2] == 1] == [(4, 80, 1), (8, 80, 1)]
     assert blocks == 4 and len(trials) == 6
     # one round, a floor on the steps, and never past the budget
     calls.clear()
-    halving([0, 4], run, budget_steps=30, fraction=0.1, rounds=1, min_steps=10)
+    halving([0, 4], run, budget_steps=30, fractions=(0.1,), min_steps=10)
     assert calls == [(0, 10, 0), (4, 10, 0)]
     calls.clear()
-    halving([0, 4], run, budget_steps=30, fraction=0.5, eta=4, rounds=3, min_steps=10)
-    assert calls == [(0, 15, 0), (4, 15, 0), (4, 30, 1)]
+    halving([0, 4], run, budget_steps=30, fractions=(0.5, 0.9, 1.0), eta=4, min_steps=10)
+    assert calls == [(0, 15, 0), (4, 15, 0), (4, 27, 1)]
 
 
-@pytest.mark.parametrize("bad", [{"fraction": 0.0}, {"fraction": 1.5}, {"eta": 1}, {"rounds": 0}])
+def test_round_steps_grow_even_when_the_floor_would_make_them_equal():
+    assert round_steps(24, (0.125, 0.5), 10) == [10, 12]
+    assert round_steps(8, (0.5, 1.0), 10) == [8, 8]  # the budget caps both
+
+
+@pytest.mark.parametrize(
+    "bad", [{"fractions": ()}, {"fractions": (0.0,)}, {"fractions": (0.5, 0.25)},
+            {"fractions": (0.5, 1.5)}, {"eta": 1}],
+)  # fmt: skip
 def test_halving_refuses_settings_that_cannot_race(bad):
     with pytest.raises(ConfigError, match=r"finetune\.race"):
-        halving([0, 4], lambda b, s, r: (0.5, 10, 1.0), 100, **bad)
+        halving([0, 4], lambda b, s, r: (0.5, 10, 1.0, None), 100, **bad)
 
 
 def test_a_ddp_child_takes_rank_zeros_decision_and_never_races(monkeypatch, make_cfg):
@@ -109,7 +137,7 @@ def test_auto_races_then_trains_the_chosen_depth_as_the_fixed_run_would(make_cfg
     assert [t["blocks"] for t in first] == ladder([0, 0.25, 0.5, "all"], total)
     assert all(t["val_size"] == summary["val_size"] and t["steps"] == 10 for t in first)
     second = [t for t in measured["trials"] if t["round"] == 1]
-    assert len(second) == 2 and all(t["steps"] == 20 for t in second)
+    assert len(second) == 2 and all(t["steps"] == 12 for t in second)
     chosen = measured["blocks"]
     assert summary["plan"]["trainable_blocks"] == chosen
     assert "measured" in summary["plan"]["reason"]
@@ -117,7 +145,7 @@ def test_auto_races_then_trains_the_chosen_depth_as_the_fixed_run_would(make_cfg
     report = (tmp_path / "auto" / "report.md").read_text()
     assert "How the depth was chosen" in report and (tmp_path / "auto" / "auto_race.png").is_file()
 
-    assert "goes on from its 20 steps of the race" in measured["reason"]
+    assert "goes on from its 12 steps of the race" in measured["reason"]
     assert not (tmp_path / "auto" / "auto" / "continue.ckpt").exists()
 
     # The race leaves the random state as it found it, and the winner went on from its last

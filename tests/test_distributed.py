@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -75,6 +76,29 @@ def test_cli_ddp_cpu_one_run_dir_one_summary(tmp_path):
     assert summary["train_size"] == 12 and summary["global_steps"] == 2  # one batch of 5 a rank
     budget = summary["plan"]["budget"]
     assert (budget["devices"], budget["global_batch"], budget["steps_per_epoch"]) == (2, 10, 1)
+
+
+def test_cli_ddp_cpu_auto_races_once_and_every_rank_takes_its_depth(tmp_path):
+    """`finetune=auto` under 2-process DDP: rank 0 races on one device before the processes
+    start; the process Lightning starts takes its decision from the environment instead of
+    racing again, so both train the same blocks (DDP would fail on differing parameters)."""
+    write_images(tmp_path / "images", ["a", "b", "c"], per_class=16)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("TRANSFERKIT_AUTO_DECISION", None)
+    r = subprocess.run(
+        [sys.executable, "-m", "transferkit.finetune", "trainer=ddp_cpu", "data=image_folder",
+         f"data.root={tmp_path / 'images'}", "data.image_size=32", "data.batch_size=4",
+         "data.val_fraction=0.25", "data.test_fraction=0.25", "model.backbone=test_efficientnet",
+         "model.weights=none", "finetune=auto", "finetune.steps=12",
+         "trainer.enable_progress_bar=false", "logger=none", "report=false"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(next(tmp_path.rglob("summary.json")).read_text())
+    measured = summary["plan"]["measured"]
+    assert measured["source"] == "race" and summary["trainable_blocks"] == measured["blocks"]
+    raced = re.findall(r"auto: \d+ blocks, \d+ steps", r.stdout + r.stderr)
+    assert len(raced) == len(measured["trials"])  # once, by rank 0
 
 
 def test_sync_batchnorm_is_refused_with_the_alternative(image_folder, tmp_path, make_cfg):

@@ -3,13 +3,14 @@
 The count-keyed table (``finetune=table``) gives the prior: the step budget for the data size
 and a depth. ``auto`` then measures. Every candidate depth of ``finetune.race.candidates``
 (by default 0, a quarter, half and all of the backbone's blocks) trains a short run of the
-same recipe, a ``fraction`` of the budget, on the training split and is scored on the
+same recipe, ``fractions[0]`` of the budget, on the training split and is scored on the
 validation split. Successive halving (Jamieson & Talwalkar 2016; Li et al. 2017,
-Hyperband) keeps the better ``1/eta`` of them for a round ``eta`` times as long. Among the
-last round's candidates, the cheapest (measured seconds) whose score is within ``z``
-binomial standard errors of the best is the choice: a deeper network must beat a cheaper
-one by more than the validation split can resolve. The chosen depth then trains the full
-budget from scratch, exactly as ``finetune=partial`` at that depth would.
+Hyperband) keeps the better ``1/eta`` of them for a longer round (``fractions[1]``). Among
+the last round's candidates, the cheapest (measured seconds) whose score is within ``z``
+standard errors of the best is the choice: a deeper network must beat a cheaper one by more
+than the validation split can resolve. The error is the paired one (the candidates are
+scored on the same images, so only the images they disagree on count). The chosen depth
+then trains the full budget, going on from its race checkpoint when that is exact.
 
 The race composes with the rest of a run:
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import itertools
 import json
 import logging
 import math
@@ -40,6 +42,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from lightning.pytorch.callbacks import Callback
 
 from transferkit.errors import ConfigError
 from transferkit.policy import parse_blocks
@@ -117,66 +121,132 @@ def ladder(spec: Sequence[Any], total: int) -> list[int]:
     return sorted(blocks)
 
 
-def pick(trials: Sequence[Trial], z: float = 1.0) -> tuple[Trial, str]:
-    """The cheapest trial whose score is within ``z`` standard errors of the difference to
-    the best (two independent binomial estimates: ``sqrt(se_a² + se_b²)``); among equal
-    costs the fewer blocks. Returns it and the reason."""
+def diff_se(best: Trial, other: Trial, paired: Mapping[tuple[int, int], Any] | None) -> float:
+    """Standard error of ``best.score - other.score``. Both were scored on the same
+    validation images: with their per-image correctness (``paired[(blocks, round)]``) it is
+    the paired error (McNemar: only the images they disagree on count), else that of two
+    independent binomial estimates, ``sqrt(se_a² + se_b²)``, which overstates it."""
+    a = paired.get((best.blocks, best.round)) if paired else None
+    b = paired.get((other.blocks, other.round)) if paired else None
+    if a is not None and b is not None and len(a) == len(b) and len(a) > 0:
+        d = [float(x) - float(y) for x, y in zip(a, b, strict=True)]
+        n = len(d)
+        mean = sum(d) / n
+        var = max(sum(x * x for x in d) / n - mean * mean, 0.25 / n)  # one image's worth
+        return math.sqrt(var / n)
+    return math.hypot(best.se, other.se)
+
+
+def pick(
+    trials: Sequence[Trial], z: float = 1.0, paired: Mapping[tuple[int, int], Any] | None = None
+) -> tuple[Trial, str]:
+    """The cheapest trial whose score is within ``z`` standard errors (:func:`diff_se`) of
+    the best; among equal costs the fewer blocks. Returns it and the reason."""
     if not trials:
         raise ValueError("pick() needs at least one trial")
     best = max(trials, key=lambda t: (t.score, -t.seconds))
-    close = [t for t in trials if best.score - t.score <= z * math.hypot(best.se, t.se) + 1e-12]
+    se = {id(t): diff_se(best, t, paired) for t in trials}
+    close = [t for t in trials if best.score - t.score <= z * se[id(t)] + 1e-12]
     chosen = min(close, key=lambda t: (t.seconds, t.blocks))
     if chosen is best:
         return chosen, f"{chosen.blocks} blocks scored best ({chosen.score:.3f})"
+    kind = "paired " if paired and (chosen.blocks, chosen.round) in paired else ""
     return chosen, (
         f"{chosen.blocks} blocks ({chosen.score:.3f}, {chosen.seconds:.0f} s) are within "
-        f"{z:g} standard error of the best, {best.blocks} blocks ({best.score:.3f}, "
-        f"{best.seconds:.0f} s), and cheaper"
+        f"{z:g} {kind}standard error ({se[id(chosen)]:.3f}) of the best, {best.blocks} blocks "
+        f"({best.score:.3f}, {best.seconds:.0f} s), and cheaper"
     )
+
+
+#: A candidate's short run: ``(blocks, steps, round) -> (score, validation images, seconds,
+#: per-image correctness or None)``.
+Runner = Callable[[int, int, int], tuple[float, int, float, Any]]
+
+
+def round_steps(budget_steps: int, fractions: Sequence[float], min_steps: int) -> list[int]:
+    """Steps of each round: its share of the budget, at least ``min_steps`` and more than
+    the round before, never more than the budget.
+
+    Raises:
+        ConfigError: a share outside (0, 1], or shares that do not grow.
+    """
+    if not fractions or any(not 0 < f <= 1 for f in fractions):
+        raise ConfigError(
+            f"finetune.race.fractions={list(fractions)!r}: give growing shares of the budget "
+            "in (0, 1], one per round, e.g. [0.125, 0.5]."
+        )
+    if any(b <= a for a, b in itertools.pairwise(fractions)):
+        raise ConfigError(
+            f"finetune.race.fractions={list(fractions)!r} must grow from round to round."
+        )
+    out: list[int] = []
+    for f in fractions:
+        steps = max(min_steps, round(budget_steps * f), out[-1] + 1 if out else 0)
+        out.append(min(budget_steps, steps))
+    return out
 
 
 def halving(
     candidates: Sequence[int],
-    run: Callable[[int, int, int], tuple[float, int, float]],
+    run: Runner,
     budget_steps: int,
-    fraction: float = 0.125,
+    fractions: Sequence[float] = (0.125, 0.5),
     eta: int = 2,
-    rounds: int = 2,
     min_steps: int = 10,
     z: float = 1.0,
 ) -> tuple[int, list[Trial], str]:
     """Successive halving over ``candidates`` (block counts).
 
-    Round ``r`` (0-based) trains each remaining candidate ``eta**r`` times the first
-    round's steps (``fraction`` of ``budget_steps``, at least ``min_steps``; never more than
-    the budget) through ``run(blocks,
-    steps, round) -> (score, val_size, seconds)``; the best ``ceil(n / eta)`` go on. The
-    choice is :func:`pick` over the last round.
+    Round ``r`` trains each remaining candidate ``fractions[r]`` of ``budget_steps`` (see
+    :func:`round_steps`) through ``run``; the best ``ceil(n / eta)`` go on to the next.
+    The choice is :func:`pick` over the last round's trials.
 
     Returns:
         the chosen block count, every trial, and the reason.
     """
-    if not 0 < fraction <= 1:
-        raise ConfigError(f"finetune.race.fraction={fraction!r}: give a share in (0, 1].")
-    if eta < 2 or rounds < 1:
-        raise ConfigError("finetune.race.eta must be >= 2 and finetune.race.rounds >= 1.")
+    if eta < 2:
+        raise ConfigError(f"finetune.race.eta={eta!r}: keep the best 1/eta, with eta >= 2.")
+    plan = round_steps(budget_steps, fractions, min_steps)
     alive = list(candidates)
     trials: list[Trial] = []
     last: list[Trial] = []
-    for r in range(rounds):
-        steps = min(budget_steps, max(min_steps, round(budget_steps * fraction)) * eta**r)
+    paired: dict[tuple[int, int], Any] = {}
+    for r, steps in enumerate(plan):
         last = []
         for blocks in alive:
-            score, val_size, seconds = run(blocks, steps, r)
+            score, val_size, seconds, correct = run(blocks, steps, r)
             last.append(Trial(blocks, steps, float(score), int(val_size), float(seconds), r))
+            if correct is not None:
+                paired[(blocks, r)] = correct
         trials += last
-        if len(alive) <= 1 or r == rounds - 1:
+        if len(alive) <= 1 or r == len(plan) - 1:
             break
         keep = max(1, math.ceil(len(alive) / eta))
         ranked = sorted(last, key=lambda t: (-t.score, t.seconds))
         alive = sorted(t.blocks for t in ranked[:keep])
-    chosen, why = pick(last, z)
+    chosen, why = pick(last, z, paired)
     return chosen.blocks, trials, why
+
+
+class ValRecorder(Callback):
+    """A Lightning callback that keeps, for the last validation, whether each validation
+    image was classified right (the race's paired comparison). Multi-class only."""
+
+    def __init__(self) -> None:
+        self.correct: list[bool] | None = None
+        self._parts: list[Any] = []
+
+    def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        if not trainer.sanity_checking:
+            self._parts = []
+            pl_module._val_record = self._parts
+
+    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if getattr(pl_module, "_val_record", None) is self._parts and self._parts:
+            import torch
+
+            self.correct = torch.cat(self._parts).tolist()
+        pl_module._val_record = None
 
 
 # -- running the race ----------------------------------------------------------------------
@@ -233,6 +303,9 @@ def candidate_config(cfg: Any, blocks: int, steps: int, epochs: int, out_dir: Pa
             c.trainer.devices = 1
         if batches is not None:  # shorter than an epoch: the first batches of epoch 0
             c.trainer.limit_train_batches = batches
+        if c.get("callbacks") is None:
+            c.callbacks = {}
+        c.callbacks.val_record = {"_target_": "transferkit.autodepth.ValRecorder"}
         c.logger = None
         c.test = False
         c.report = False
@@ -276,7 +349,7 @@ def race(cfg: Any, total_blocks: int, prior_blocks: int, budget_steps: int,
     per_epoch = steps_per_epoch or 0
     accumulate = int(cfg.trainer.get("accumulate_grad_batches") or 1)
 
-    def run(blocks: int, steps: int, rnd: int) -> tuple[float, int, float]:
+    def run(blocks: int, steps: int, rnd: int) -> tuple[float, int, float, Any]:
         out = root / f"blocks{blocks}"
         short = steps < per_epoch
         resume = whole.pop(blocks, None) if go_on and not short else None
@@ -289,6 +362,10 @@ def race(cfg: Any, total_blocks: int, prior_blocks: int, budget_steps: int,
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # one summary, the run's own
                 summary, objects = finetune(c, datamodule)
+            recorder = next(
+                (cb for cb in objects["trainer"].callbacks if isinstance(cb, ValRecorder)), None
+            )
+            correct = recorder.correct if recorder is not None else None
             del objects
         finally:
             if datamodule is not None:  # the next run (and the final one) sets its own
@@ -301,6 +378,10 @@ def race(cfg: Any, total_blocks: int, prior_blocks: int, budget_steps: int,
                 "has none: set data.val_fraction > 0, or choose a depth (finetune=table, "
                 "finetune=partial finetune.trainable_blocks=...)."
             )
+        if cfg.monitor == "val/acc" and correct:  # the last validation, image by image
+            score = sum(correct) / len(correct)
+        else:
+            correct = None  # a paired comparison only of accuracies
         if cfg.mode == "min":  # losses: smaller is better; the race maximises
             score = -float(score)
         log.info("auto: %d blocks, %d steps: %s %.4f in %.0f s", blocks, steps,
@@ -310,7 +391,7 @@ def race(cfg: Any, total_blocks: int, prior_blocks: int, budget_steps: int,
             whole[blocks] = last
         elif not keep:
             shutil.rmtree(out, ignore_errors=True)
-        return float(score), int(summary["val_size"]), seconds
+        return float(score), int(summary["val_size"]), seconds, correct
 
     states = _collect_rng_states(include_cuda=True)
     start = time.perf_counter()
@@ -319,9 +400,8 @@ def race(cfg: Any, total_blocks: int, prior_blocks: int, budget_steps: int,
             candidates,
             run,
             budget_steps,
-            fraction=float(settings.get("fraction", 0.0625)),
+            fractions=[float(f) for f in settings.get("fractions", (0.125, 0.5))],
             eta=int(settings.get("eta", 2)),
-            rounds=int(settings.get("rounds", 2)),
             min_steps=int(settings.get("min_steps", 10)),
             # a loss is no proportion: no binomial error, the best wins
             z=float(settings.get("z", 1.0)) if cfg.mode == "max" else 0.0,

@@ -34,6 +34,7 @@ class Experiment:
     section: Callable[[list[Run], Path], tuple[str, list[str]]]
     sweeps: tuple[dict[str, str | None], ...] = ({},)
     quick: tuple[dict[str, str | None], ...] = ({},)
+    prepare: Callable[[], None] | None = None  # run before its runs (e.g. build its data)
 
 
 def run_name(params: dict[str, str]) -> str:

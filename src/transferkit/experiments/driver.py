@@ -162,6 +162,8 @@ def run_experiment(
 ) -> list[Run]:
     runs: list[Run] = []
     planned = plan_runs(exp, quick, user)
+    if exp.prepare is not None:
+        exp.prepare()
     for i, (params, overrides) in enumerate(planned, 1):
         label = " ".join(f"{k}={v}" for k, v in params.items()) or "(one run)"
         print(f"[{exp.name} {i}/{len(planned)}] {label}", flush=True)

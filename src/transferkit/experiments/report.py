@@ -9,6 +9,7 @@ from pathlib import Path
 
 from transferkit.experiments import (
     depth,
+    depth_by_data,
     head_norms,
     optimizers,
     overfitting,
@@ -27,6 +28,7 @@ EXPERIMENTS: dict[str, Experiment] = {
         optimizers.EXPERIMENT,
         second_order.EXPERIMENT,
         head_norms.EXPERIMENT,
+        depth_by_data.EXPERIMENT,
     ]
 }
 

@@ -318,6 +318,9 @@ class ImageClassifier(L.LightningModule):
         else:
             self.log(f"{stage}/loss", F.cross_entropy(logits, y), prog_bar=True, sync_dist=True)
             metrics.update(logits, y)
+            record = getattr(self, "_val_record", None)  # finetune=auto's ValRecorder
+            if stage == "val" and record is not None:
+                record.append((logits.argmax(-1) == y).cpu())
         for name, metric in metrics.items():  # prefixed names; shared states copied across
             self.log(name, metric, prog_bar=name in (f"{stage}/acc", f"{stage}/map"))
 
