@@ -185,3 +185,18 @@ def test_auto_without_a_validation_split_says_what_to_do(make_cfg, folder, tmp_p
                                    "trainer.max_epochs=null", "finetune.steps=10"))  # fmt: skip
     with pytest.raises(ConfigError, match="val_fraction > 0"):
         finetune(cfg)
+
+
+def test_a_race_that_spends_the_whole_budget_still_tests_its_own_weights(
+    make_cfg, folder, tmp_path
+):
+    """With a budget smaller than the shortest race round, the winner's race run is the whole
+    run: nothing is left to train, and the test must not look for the race's deleted
+    best checkpoint."""
+    from transferkit.finetune import finetune
+
+    cfg = make_cfg(*tiny_overrides(folder, tmp_path / "r", "finetune=auto",
+                                   "trainer.max_epochs=null", "finetune.steps=6"))  # fmt: skip
+    summary, _ = finetune(cfg)
+    assert all(t["steps"] == 6 for t in summary["plan"]["measured"]["trials"])
+    assert summary["test_acc"] is not None and summary["global_steps"] == 6

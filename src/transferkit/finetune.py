@@ -450,6 +450,10 @@ def finetune(cfg: DictConfig, datamodule: Any = None) -> tuple[dict[str, Any], d
 
     checkpoint = trainer.checkpoint_callback
     best_path = getattr(checkpoint, "best_model_path", "") or None
+    if best_path and checkpoint.dirpath and Path(best_path).parent != Path(checkpoint.dirpath):
+        # restored from a checkpoint written elsewhere (finetune=auto's race) and never
+        # bettered here: not this run's file; test the weights as they are
+        best_path = None
     best_score = getattr(checkpoint, "best_model_score", None)
     if model.multilabel and best_path and len(dm.splits.get("val", ())):
         tune_and_store_thresholds(model, fit_dm.val_dataloader(), best_path, out_dir, trainer)
