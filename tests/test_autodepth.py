@@ -200,3 +200,30 @@ def test_a_race_that_spends_the_whole_budget_still_tests_its_own_weights(
     summary, _ = finetune(cfg)
     assert all(t["steps"] == 6 for t in summary["plan"]["measured"]["trials"])
     assert summary["test_acc"] is not None and summary["global_steps"] == 6
+
+
+def test_the_winner_checkpoint_is_adopted_with_its_best_validation(tmp_path):
+    """The run that goes on from the race must see the race's best validation as its own
+    (as the fixed run at that depth does): the checkpoint callbacks' state is moved to the
+    run's folder with the best checkpoint it names. Without it, Lightning keeps only a
+    path into the race's folder, which is deleted, and forgets the best score."""
+    race_dir, run_dir = tmp_path / "auto" / "blocks8" / "checkpoints", tmp_path / "checkpoints"
+    race_dir.mkdir(parents=True)
+    (race_dir / "best.ckpt").write_bytes(b"the race's best weights")
+    key = "ModelCheckpoint{'monitor': 'val/acc', 'mode': 'max'}"
+    state = {
+        "dirpath": str(race_dir), "best_model_score": torch.tensor(0.976),
+        "best_model_path": str(race_dir / "best.ckpt"),
+        "best_k_models": {str(race_dir / "best.ckpt"): torch.tensor(0.976)},
+    }  # fmt: skip
+    torch.save({"callbacks": {key: state, "EarlyStopping{}": {"wait_count": 1}}, "epoch": 1},
+               race_dir / "last.ckpt")  # fmt: skip
+    autodepth.adopt(race_dir / "last.ckpt", tmp_path / "continue.ckpt", run_dir)
+    got = torch.load(tmp_path / "continue.ckpt", weights_only=True)
+    moved = got["callbacks"][key]
+    assert moved["dirpath"] == str(run_dir)
+    assert moved["best_model_path"] == str(run_dir / "best.ckpt")
+    assert list(moved["best_k_models"]) == [str(run_dir / "best.ckpt")]
+    assert float(moved["best_model_score"]) == pytest.approx(0.976)
+    assert got["callbacks"]["EarlyStopping{}"] == {"wait_count": 1} and got["epoch"] == 1
+    assert (run_dir / "best.ckpt").read_bytes() == b"the race's best weights"

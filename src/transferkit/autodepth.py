@@ -316,6 +316,41 @@ def candidate_config(cfg: Any, blocks: int, steps: int, epochs: int, out_dir: Pa
     return c
 
 
+def adopt(last: Path, into: Path, checkpoints: Path) -> None:
+    """Make the winner's race checkpoint ``last`` the run's own, written to ``into``: its
+    best checkpoint is copied into the run's ``checkpoints`` folder and the checkpoint
+    callbacks' state points there, so the best validation of the race counts, as it would
+    in the fixed run. (A callback whose folder is elsewhere keeps its state; the run then
+    ignores a best checkpoint that is not in its own folder.)"""
+    import torch
+
+    from transferkit.io import atomic_write_bytes
+
+    old = str(last.parent)
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+
+    def swap(v: Any) -> Any:
+        if isinstance(v, str):
+            return v.replace(old, str(checkpoints)) if v.startswith(old) else v
+        if isinstance(v, dict):
+            return {swap(k): swap(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [swap(x) for x in v]
+        return v
+
+    callbacks = ckpt.get("callbacks") or {}
+    for key, state in list(callbacks.items()):
+        if str(key).startswith("ModelCheckpoint") and isinstance(state, dict):
+            callbacks[key] = swap(state)
+            best = Path(str(state.get("best_model_path") or ""))
+            if best.name and best.parent == last.parent and best.is_file() and best != last:
+                checkpoints.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(checkpoints / best.name, best.read_bytes())
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    atomic_write_bytes(into, buf.getvalue())
+
+
 def continuable(cfg: Any, world_size: int) -> bool:
     """Whether a candidate's run can go on where it stopped and be the run it would have
     been from the start: a constant learning rate (``scheduler=none``; a schedule is laid
@@ -409,7 +444,7 @@ def race(cfg: Any, total_blocks: int, prior_blocks: int, budget_steps: int,
         resume_from = None
         if blocks in whole:  # the winner goes on from its last round
             resume_from = root / "continue.ckpt"
-            os.replace(whole[blocks], resume_from)
+            adopt(whole[blocks], resume_from, Path(cfg.paths.output_dir) / "checkpoints")
     finally:
         _set_rng_states(states)
         if not keep:

@@ -287,7 +287,7 @@ def plot(summary: dict[str, Any], methods: list[str], path: Path) -> None:
     axes[0].set_xticks([x + 0.4 - width / 2 for x in range(len(names))], names, rotation=45,
                        ha="right", fontsize=7)  # fmt: skip
     axes[0].axhline(0, color="black", lw=0.8)
-    axes[0].set_ylabel("regret (test points below best fixed depth)")
+    axes[0].set_ylabel("regret (test points)")
     axes[1].set_xlabel("wall time / best fixed depth's")
     axes[1].axvline(2, color="grey", ls="--", lw=0.8)
     save_figure(fig, path, axes)
