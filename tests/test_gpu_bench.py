@@ -33,7 +33,7 @@ def test_cpu_run_writes_every_row_and_the_ratios(
     settings = result["settings"]
     assert [(s["image_size"], s["regime"], s["precision"]) for s in settings] == [
         (64, "full", "32-true"),
-        (64, "auto", "32-true"),
+        (64, "table", "32-true"),
     ]  # without a GPU: 64 px and fp32 only
     for s in settings:
         rows = s["rows"]

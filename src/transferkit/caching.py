@@ -287,7 +287,11 @@ class CachedFeatureDataModule(L.LightningDataModule):
                 m.train(t)
 
     def _loader(self, name: str, train: bool) -> DataLoader | TensorBatches:
-        self._build(name)
+        # training and validation go together, training first (as Lightning's sanity check
+        # asks for validation first, a stop while caching then leaves no file behind); the
+        # test split only when a test asks for it
+        for split in ("train", "val") if name in ("train", "val") else (name,):
+            self._build(split)
         ds = self.datasets[name]
         batch = self.source.batch_size
         trainer = getattr(self, "trainer", None)

@@ -14,10 +14,11 @@ the same resolution, batch size and precision, and reports images/s and peak GPU
   normalised tensors (:func:`bare_loop`).
 * ``timm_loop``: the same images in the loop of timm's ``train.py`` (:func:`timm_loop`).
 
-Settings: 64 and 224 px; ``finetune=full`` and the default ``auto`` plan; fp32 (TF32 matmuls,
-as ``finetune`` sets them) and the precision and memory format that ``trainer.precision=auto``
-measures and picks (:func:`transferkit.precision.resolve`). The feature cache is off so that
-all four rows compute the same thing (``make bench`` measures what the cache buys).
+Settings: 64 and 224 px; ``finetune=full`` and the default plan (``finetune=table``), fp32
+(TF32 matmuls, as ``finetune`` sets them) and the precision and memory format that
+``trainer.precision=auto`` measures and picks (:func:`transferkit.precision.resolve`). The
+feature cache is off so that all four rows compute the same thing (``make bench`` measures
+what the cache buys).
 
 The first ``--warmup`` steps of a row are not timed (cuDNN autotuning, the allocator, workers
 starting); clocks are read after ``torch.cuda.synchronize()``. Peak memory is
@@ -31,7 +32,7 @@ Without a GPU it says so first, then runs a tiny CPU grid (64 px, fp32, a few st
 the plumbing; those figures are not GPU figures.
 
     python -m transferkit.gpu_bench [--steps 200] [--batch-size 256] [--sizes 64,224]
-        [--regimes full,auto] [--out gpu-bench.json] [--quick] [Hydra overrides ...]
+        [--regimes full,table] [--out gpu-bench.json] [--quick] [Hydra overrides ...]
 """
 
 from __future__ import annotations
@@ -393,7 +394,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, help="images per step (GPU: 256)")
     parser.add_argument("--sizes", help="comma-separated resolutions (GPU: 64,224)")
     parser.add_argument("--per-class", type=int, help="training images per class (GPU: all)")
-    parser.add_argument("--regimes", default="full,auto", help="finetune configs to compare")
+    parser.add_argument("--regimes", default="full,table", help="finetune configs to compare")
     parser.add_argument("--out", type=Path, default=Path("gpu-bench.json"))
     parser.add_argument("--quick", action="store_true", help="GPU: 30 steps, 100 a class")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides")
