@@ -493,7 +493,7 @@ def decide(cfg: Any, total_blocks: int, prior_blocks: int, budget_steps: int,
 def plot_race(measured: Mapping[str, Any], path: Path, monitor: str = "val/acc") -> Path | None:
     """A small figure of the race: each trial's validation score with its standard error
     against the seconds it took, the chosen depth marked. None without trials."""
-    from transferkit.io import atomic_write_bytes
+    from transferkit.experiments.common import save_figure
 
     trials = measured.get("trials") or []
     if not trials:
@@ -525,11 +525,5 @@ def plot_race(measured: Mapping[str, Any], path: Path, monitor: str = "val/acc")
     ax.set_xlabel("seconds of the short run")
     ax.set_ylabel(f"best {monitor} (± 1 s.e.)")
     ax.set_title("finetune=auto: the race (labels: trainable blocks)", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path, (ax,))
     return path

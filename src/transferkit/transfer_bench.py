@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transferkit.experiments.common import _plt, save_csv, save_figure, table
+from transferkit.experiments.common import _plt, save_csv, save_figure, split_overrides, table
 from transferkit.io import atomic_write_bytes
 
 #: Fixed depths: the shares of the backbone's blocks every cell trains.
@@ -294,11 +294,7 @@ def plot(summary: dict[str, Any], methods: list[str], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    user: list[str] = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, user = argv[:i], argv[i + 1 :]
+    argv, user = split_overrides(list(sys.argv[1:] if argv is None else argv))
     p = argparse.ArgumentParser(prog="python -m transferkit.transfer_bench",
                                 description=(__doc__ or "").split("\n\n")[0])  # fmt: skip
     p.add_argument(
@@ -349,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
 
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     command = "python -m transferkit.transfer_bench " + " ".join(
-        sys.argv[1:] if argv is None else argv
+        [*argv, *(["--", *user] if user else [])]
     )
     path = write_report(summary, records, methods, report, command.strip(), machine)
     from transferkit.io import write_json

@@ -37,6 +37,14 @@ class Experiment:
     prepare: Callable[[], None] | None = None  # run before its runs (e.g. build its data)
 
 
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """A command line's own arguments, and the Hydra overrides after ``--``."""
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1 :]
+    return argv, []
+
+
 def run_name(params: dict[str, str]) -> str:
     """A folder name from the varying overrides (``experiment/remedy=l1`` → ``remedy=l1``)."""
     parts = [f"{k.rsplit('/', 1)[-1]}={v}" for k, v in sorted(params.items())]

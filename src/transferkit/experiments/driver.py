@@ -33,7 +33,14 @@ from pathlib import Path
 from typing import Any
 
 from transferkit.errors import ConfigError
-from transferkit.experiments.common import Experiment, Run, _num, log, run_name
+from transferkit.experiments.common import (
+    Experiment,
+    Run,
+    _num,
+    log,
+    run_name,
+    split_overrides,
+)
 from transferkit.experiments.report import EXPERIMENTS, write_report
 from transferkit.io import write_json
 
@@ -188,11 +195,7 @@ def earlier_runs(exp: Experiment, out: Path, quick: bool, user: list[str]) -> li
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    user: list[str] = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, user = argv[:i], argv[i + 1 :]
+    argv, user = split_overrides(list(sys.argv[1:] if argv is None else argv))
     parser = argparse.ArgumentParser(
         prog="python -m transferkit.experiments",
         description="Run the experiments of conf/experiment/ and write one report.",
