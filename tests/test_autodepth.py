@@ -4,6 +4,7 @@ within noise of the best, and a run that composes with caching, resume and DDP."
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -227,3 +228,50 @@ def test_the_winner_checkpoint_is_adopted_with_its_best_validation(tmp_path):
     assert float(moved["best_model_score"]) == pytest.approx(0.976)
     assert got["callbacks"]["EarlyStopping{}"] == {"wait_count": 1} and got["epoch"] == 1
     assert (run_dir / "best.ckpt").read_bytes() == b"the race's best weights"
+
+
+def test_adopt_follows_lightning_through_a_symlinked_run_folder(tmp_path):
+    """Lightning stores checkpoint folders as real paths; a run folder reached through a
+    symlink must still have its race state moved (it was silently kept before)."""
+    real = tmp_path / "real"
+    (real / "auto" / "blocks4" / "checkpoints").mkdir(parents=True)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    race_dir = link / "auto" / "blocks4" / "checkpoints"  # as the config names it
+    (race_dir / "best.ckpt").write_bytes(b"best")
+    stored = os.path.realpath(race_dir)  # as Lightning stores it
+    key = "ModelCheckpoint{'monitor': 'val/acc'}"
+    state = {"dirpath": stored, "best_model_path": f"{stored}/best.ckpt"}
+    torch.save({"callbacks": {key: state}}, race_dir / "last.ckpt")
+    autodepth.adopt(race_dir / "last.ckpt", link / "continue.ckpt", link / "checkpoints")
+    moved = torch.load(link / "continue.ckpt", weights_only=True)["callbacks"][key]
+    assert moved["dirpath"] == os.path.realpath(link / "checkpoints")
+    assert moved["best_model_path"] == os.path.realpath(link / "checkpoints" / "best.ckpt")
+    assert (real / "checkpoints" / "best.ckpt").read_bytes() == b"best"
+
+
+def test_candidates_train_the_recipe_of_the_table_row_and_lr_find_never_goes_on(make_cfg):
+    cfg = make_cfg("finetune=auto")
+    row = {"max_per_class": 30, "regime": "partial", "trainable_blocks": 0.25, "steps": 150,
+           "bn_mode": "adapt", "layer_decay": 0.8}  # fmt: skip
+    c = autodepth.candidate_config(cfg, 4, 20, 10, Path("/tmp/x"), rule=row)
+    assert (c.finetune.bn_mode, c.finetune.layer_decay) == ("adapt", 0.8)
+    assert (c.finetune.trainable_blocks, c.finetune.steps) == (4, 20)
+    assert "max_per_class" not in c.finetune and c.finetune.regime == "partial"
+    assert autodepth.continuable(cfg, 1)
+    assert not autodepth.continuable(make_cfg("finetune=auto", "tune.lr_find=true"), 1)
+    assert not autodepth.continuable(make_cfg("finetune=auto", "scheduler=cosine"), 1)
+    assert not autodepth.continuable(cfg, 2)
+
+
+def test_auto_races_without_checkpoint_callbacks(make_cfg, folder, tmp_path):
+    """callbacks=none: no callback keeps a best score, yet every candidate has its
+    validation accuracy (it used to be refused as 'no validation split')."""
+    from transferkit.finetune import finetune
+
+    overrides = tiny_overrides(folder, tmp_path / "r", "finetune=auto", "callbacks=none",
+                               "trainer.max_epochs=null", "finetune.steps=20")  # fmt: skip
+    cfg = make_cfg(*(o for o in overrides if o != "~callbacks.progress_bar"))
+    summary, _ = finetune(cfg)
+    trials = summary["plan"]["measured"]["trials"]
+    assert len(trials) == 6 and all(0 <= t["score"] <= 1 for t in trials)

@@ -273,11 +273,14 @@ def from_checkpoint(path: str) -> Decision | None:
 
 
 def candidate_config(cfg: Any, blocks: int, steps: int, epochs: int, out_dir: Path,
-                     batches: int | None = None, resume: Path | None = None) -> Any:  # fmt: skip
+                     batches: int | None = None, resume: Path | None = None,
+                     rule: Mapping[str, Any] | None = None) -> Any:  # fmt: skip
     """The config of one candidate's short run: ``finetune=partial`` at ``blocks`` for
     ``steps`` steps (``epochs`` epochs; ``batches``: the batches of a run shorter than an
     epoch) with the run's own recipe, on one device, validated once at its end, without
-    testing, logging or a report; ``resume``: the checkpoint of its previous round."""
+    testing, logging or a report; ``resume``: the checkpoint of its previous round;
+    ``rule``: the table's row the data matched, whose settings (``bn_mode``, ``layer_decay``,
+    ...) the final run keeps too."""
     from omegaconf import OmegaConf, open_dict
 
     c = copy.deepcopy(cfg)
@@ -286,6 +289,8 @@ def candidate_config(cfg: Any, blocks: int, steps: int, epochs: int, out_dir: Pa
         race_keys = ("regime", "rules", "race", "steps", "trainable_blocks", "why")
         kept = {k: v for k, v in OmegaConf.to_container(ft, resolve=True).items()  # type: ignore[union-attr]
                 if k not in race_keys}  # fmt: skip
+        kept.update({k: v for k, v in (rule or {}).items()
+                     if not k.startswith("max_") and k not in race_keys})  # fmt: skip
         c.finetune = OmegaConf.create(
             {**kept, "regime": "partial", "trainable_blocks": blocks, "steps": steps}
         )
@@ -326,12 +331,17 @@ def adopt(last: Path, into: Path, checkpoints: Path) -> None:
 
     from transferkit.io import atomic_write_bytes
 
-    old = str(last.parent)
+    # Lightning keeps the folder as os.path.realpath gives it (a symlink in the path resolved)
+    olds = {str(last.parent), os.path.realpath(last.parent)}
+    new = os.path.realpath(checkpoints)
     ckpt = torch.load(last, map_location="cpu", weights_only=True)
 
     def swap(v: Any) -> Any:
         if isinstance(v, str):
-            return v.replace(old, str(checkpoints)) if v.startswith(old) else v
+            for old in olds:
+                if v == old or v.startswith(old + os.sep):
+                    return new + v[len(old) :]
+            return v
         if isinstance(v, dict):
             return {swap(k): swap(x) for k, x in v.items()}
         if isinstance(v, list):
@@ -343,7 +353,8 @@ def adopt(last: Path, into: Path, checkpoints: Path) -> None:
         if str(key).startswith("ModelCheckpoint") and isinstance(state, dict):
             callbacks[key] = swap(state)
             best = Path(str(state.get("best_model_path") or ""))
-            if best.name and best.parent == last.parent and best.is_file() and best != last:
+            mine = os.path.realpath(best.parent) == os.path.realpath(last.parent)
+            if best.name and mine and best.is_file() and best.name != last.name:
                 checkpoints.mkdir(parents=True, exist_ok=True)
                 atomic_write_bytes(checkpoints / best.name, best.read_bytes())
     buf = io.BytesIO()
@@ -354,14 +365,17 @@ def adopt(last: Path, into: Path, checkpoints: Path) -> None:
 def continuable(cfg: Any, world_size: int) -> bool:
     """Whether a candidate's run can go on where it stopped and be the run it would have
     been from the start: a constant learning rate (``scheduler=none``; a schedule is laid
-    out over the run's length) on one device (the race runs on one)."""
+    out over the run's length) on one device (the race runs on one), and no LR range test
+    (the final run's tuned LR would be replaced by the race's with its optimizer state)."""
     scheduler = cfg.get("scheduler") or {}
-    return scheduler.get("scheduler") is None and world_size == 1
+    tuned = bool((cfg.get("tune") or {}).get("lr_find"))  # the final run's LR is not the race's
+    return scheduler.get("scheduler") is None and world_size == 1 and not tuned
 
 
 def race(cfg: Any, total_blocks: int, prior_blocks: int, budget_steps: int,
          epochs_of: Callable[[int], int], datamodule: Any = None,
-         steps_per_epoch: int | None = None, world_size: int = 1) -> Decision:  # fmt: skip
+         steps_per_epoch: int | None = None, world_size: int = 1,
+         rule: Mapping[str, Any] | None = None) -> Decision:  # fmt: skip
     """Run the race for the composed run config ``cfg`` (``finetune=auto``);
     ``epochs_of(steps)``: the epochs a candidate of ``steps`` steps runs; ``datamodule``:
     the run's own, whose decoded images the candidates share.
@@ -392,7 +406,7 @@ def race(cfg: Any, total_blocks: int, prior_blocks: int, budget_steps: int,
             shutil.rmtree(out, ignore_errors=True)
         c = candidate_config(cfg, blocks, steps, epochs_of(steps), out,
                              batches=steps * accumulate if short else None,
-                             resume=resume)  # fmt: skip
+                             resume=resume, rule=rule)  # fmt: skip
         start = time.perf_counter()
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # one summary, the run's own
@@ -401,22 +415,25 @@ def race(cfg: Any, total_blocks: int, prior_blocks: int, budget_steps: int,
                 (cb for cb in objects["trainer"].callbacks if isinstance(cb, ValRecorder)), None
             )
             correct = recorder.correct if recorder is not None else None
+            logged = objects["trainer"].callback_metrics.get(cfg.monitor)
             del objects
         finally:
             if datamodule is not None:  # the next run (and the final one) sets its own
                 datamodule.trainer = None
         seconds = time.perf_counter() - start
         score = summary["objective"]["value"]
+        if score is None and logged is not None:  # no checkpoint callback watches it
+            score = float(logged)
+        if cfg.monitor == "val/acc" and correct:
+            score = sum(correct) / len(correct)
         if score is None:
             raise ConfigError(
                 "finetune=auto races candidate depths on the validation split, and this run "
                 "has none: set data.val_fraction > 0, or choose a depth (finetune=table, "
                 "finetune=partial finetune.trainable_blocks=...)."
             )
-        if cfg.monitor == "val/acc" and correct:  # the last validation, image by image
-            score = sum(correct) / len(correct)
-        else:
-            correct = None  # a paired comparison only of accuracies
+        if not (cfg.monitor == "val/acc" and correct):
+            correct = None  # a paired comparison only of accuracies (image by image)
         if cfg.mode == "min":  # losses: smaller is better; the race maximises
             score = -float(score)
         log.info("auto: %d blocks, %d steps: %s %.4f in %.0f s", blocks, steps,
@@ -466,7 +483,8 @@ def table_only(prior_blocks: int, why: str) -> Decision:
 def decide(cfg: Any, total_blocks: int, prior_blocks: int, budget_steps: int,
            epochs_of: Callable[[int], int], datamodule: Any = None, world_size: int = 1,
            external: str | None = None,
-           steps_per_epoch: int | None = None) -> Decision:  # fmt: skip
+           steps_per_epoch: int | None = None,
+           rule: Mapping[str, Any] | None = None) -> Decision:  # fmt: skip
     """The depth of a ``finetune=auto`` run: from its checkpoint when resuming, from rank 0
     in a DDP child, else measured (and handed to the DDP children)."""
     if cfg.get("ckpt_path"):
@@ -484,7 +502,7 @@ def decide(cfg: Any, total_blocks: int, prior_blocks: int, budget_steps: int,
             "(run finetune=auto on one device first and pass its depth, or use finetune=table)",
         )
     decision = race(cfg, total_blocks, prior_blocks, budget_steps, epochs_of, datamodule,
-                    steps_per_epoch, world_size)  # fmt: skip
+                    steps_per_epoch, world_size, rule)  # fmt: skip
     if world_size > 1:
         os.environ[ENV] = json.dumps(decision.as_dict())
     return decision

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -293,6 +294,7 @@ def _measure_depth(cfg: DictConfig, plan: Any, counts: dict[str, int], dm: Any,
         world_size=trainer.world_size,
         external=_shared_timing_impossible(trainer),
         steps_per_epoch=steps_per_epoch(counts["train_size"], dm.batch_size, 1, accumulate),
+        rule=plan.rule,
     )
     plan = with_depth(plan, decision.blocks, decision.as_dict(), decision.reason)
     return plan, decision.resume_from
@@ -450,7 +452,11 @@ def finetune(cfg: DictConfig, datamodule: Any = None) -> tuple[dict[str, Any], d
 
     checkpoint = trainer.checkpoint_callback
     best_path = getattr(checkpoint, "best_model_path", "") or None
-    if best_path and checkpoint.dirpath and Path(best_path).parent != Path(checkpoint.dirpath):
+    if (
+        best_path
+        and checkpoint.dirpath
+        and (os.path.realpath(Path(best_path).parent) != os.path.realpath(checkpoint.dirpath))
+    ):
         # restored from a checkpoint written elsewhere (finetune=auto's race) and never
         # bettered here: not this run's file; test the weights as they are
         best_path = None
