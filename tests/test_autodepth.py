@@ -275,3 +275,20 @@ def test_auto_races_without_checkpoint_callbacks(make_cfg, folder, tmp_path):
     summary, _ = finetune(cfg)
     trials = summary["plan"]["measured"]["trials"]
     assert len(trials) == 6 and all(0 <= t["score"] <= 1 for t in trials)
+
+
+def test_a_checkpoint_decision_is_checked_before_it_is_used(make_cfg, tmp_path, monkeypatch):
+    """A resumed run takes the depth its checkpoint names: a value no backbone block count
+    allows, or a malformed record, is refused by name instead of trained or crashing."""
+    from transferkit.errors import CheckpointError
+
+    monkeypatch.delenv(autodepth.ENV, raising=False)
+    path = tmp_path / "last.ckpt"
+    for measured, match in (({"blocks": 99, "trials": []}, "99 blocks"),
+                            ({"blocks": 2, "trials": [{"evil": 1}]}, "no valid")):  # fmt: skip
+        ckpt = {"transferkit": {"plan": {"measured": measured}}, "state_dict": {}}
+        hp = {"backbone": "test_efficientnet", "num_classes": 3}
+        torch.save({**ckpt, "hyper_parameters": hp}, path)
+        cfg = make_cfg("finetune=auto", f"ckpt_path={path}")
+        with pytest.raises(CheckpointError, match=match):
+            autodepth.decide(cfg, 6, 1, 100, lambda s: 1)

@@ -45,7 +45,7 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
-from transferkit.errors import ConfigError
+from transferkit.errors import CheckpointError, ConfigError
 from transferkit.policy import parse_blocks
 
 log = logging.getLogger("transferkit")
@@ -269,7 +269,15 @@ def from_checkpoint(path: str) -> Decision | None:
 
     plan = (read_checkpoint(path).get("transferkit") or {}).get("plan") or {}
     measured = plan.get("measured")
-    return Decision.from_dict(measured, "checkpoint") if measured else None
+    if not measured:
+        return None
+    try:
+        return Decision.from_dict(measured, "checkpoint")
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(
+            f"ckpt_path={str(path)!r} holds no valid finetune=auto decision ({e}); resume "
+            "with a checkpoint this version wrote, or set ckpt_path=null."
+        ) from e
 
 
 def candidate_config(cfg: Any, blocks: int, steps: int, epochs: int, out_dir: Path,
@@ -490,6 +498,12 @@ def decide(cfg: Any, total_blocks: int, prior_blocks: int, budget_steps: int,
     if cfg.get("ckpt_path"):
         saved = from_checkpoint(cfg.ckpt_path)
         if saved is not None:
+            if not 0 <= saved.blocks <= total_blocks:  # a file's word, checked before use
+                raise CheckpointError(
+                    f"ckpt_path={str(cfg.ckpt_path)!r} says finetune=auto chose "
+                    f"{saved.blocks} blocks, and this backbone has {total_blocks}; resume with "
+                    "a checkpoint of this run, or set ckpt_path=null."
+                )
             return saved
         return table_only(prior_blocks, "resumed from a checkpoint without a race: the table")
     given = inherited()
