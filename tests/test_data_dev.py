@@ -1,9 +1,10 @@
 """make data-dev: the textures and glyphs development sets keep their splits apart (regions
-of a photo, fonts) and load as image folders."""
+of a photo, fonts), draw val and test alike, and load as image folders."""
 
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,16 @@ import pytest
 from PIL import Image
 
 from transferkit.data import ImageFolderDataModule
-from transferkit.data.dev import build_glyphs, build_textures, font_splits, matplotlib_fonts
+from transferkit.data.dev import (
+    LAYOUT,
+    STRIPS,
+    build_glyphs,
+    build_textures,
+    font_splits,
+    matplotlib_fonts,
+)
 from transferkit.errors import ConfigError
+from transferkit.experiments.driver import _compose, fingerprint
 
 
 def _rows(root: Path) -> list[dict[str, str]]:
@@ -81,3 +90,41 @@ def test_too_few_fonts_or_too_small_a_photo_is_refused(tmp_path) -> None:
     with pytest.raises(ConfigError, match="too small"):
         build_textures(tmp_path / "t", photos, per_class=2, eval_per_class=1)
     assert not (tmp_path / "t").exists() and not (tmp_path / "t.partial").exists()
+
+
+def test_val_and_test_are_drawn_alike_not_from_fixed_bands(tmp_path) -> None:
+    """Val must predict test: both are dealt strips at random per photo. The old layout put
+    val next to train and test at the photo's far edge in every photo, so val ran 5-10
+    points above test and ranked depths differently."""
+    width = 400
+    photos = {f"p{i}": _photo(tmp_path / f"p{i}.png", (width, 80), i) for i in range(12)}
+    root = build_textures(tmp_path / "t", photos, per_class=30, eval_per_class=20)
+    rows = _rows(root)
+    strips: dict[str, set[int]] = {"val": set(), "test": set()}
+    per_photo: dict[tuple[str, str], set[int]] = {}
+    for r in rows:
+        if r["split"] in strips:
+            k = int(r["left"]) * STRIPS // width
+            assert int(r["right"]) <= (k + 1) * width // STRIPS  # one crop, one strip
+            strips[r["split"]].add(k)
+            per_photo.setdefault((r["split"], r["class"]), set()).add(k)
+    # over the photos, val and test each land all over the photo, not in one band
+    assert len(strips["val"]) >= 6 and len(strips["test"]) >= 6
+    assert strips["test"] != {8, 9} and strips["val"] != {6, 7}
+    # each photo gives val and test two strips each (0.2 of 10)
+    assert all(1 <= len(v) <= 2 for v in per_photo.values())
+    assert sum(len(v) == 2 for v in per_photo.values()) >= len(per_photo) // 2
+    assert json.loads((root / "dataset.json").read_text())["layout"] == LAYOUT["textures"]
+
+
+def test_a_folder_of_the_old_layout_is_rebuilt_and_runs_on_it_are_not_reused(tmp_path) -> None:
+    photos = {"p": _photo(tmp_path / "p.png", (200, 100), 0)}
+    root = build_textures(tmp_path / "t", photos, per_class=3, eval_per_class=2)
+    cfg = _compose(["data=image_folder", f"data.root={root}"])
+    new_print = fingerprint(cfg)
+    (root / "dataset.json").unlink()  # what a layout-1 folder looks like: crops.csv only
+    assert fingerprint(cfg) != new_print  # a run on the old folder is not taken for this one
+    build_textures(tmp_path / "t", photos, per_class=3, eval_per_class=2)
+    assert json.loads((root / "dataset.json").read_text())["layout"] == LAYOUT["textures"]
+    assert fingerprint(cfg) == new_print
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png", "t"]  # no .old, no .partial

@@ -6,10 +6,15 @@ from files that ship in PyPI packages, so they need no network:
 
 * **textures**: 32 px crops of scikit-image's bundled sample photographs, one class per
   photo (brick, grass, gravel, moon, coins, cell, the Hubble deep field, ...). Each photo is
-  cut along its longer side into three disjoint regions (60 % train, 20 % val, 20 % test),
-  so no pixel of a test crop was ever seen in training. Crops are square, 32–48 px, at
-  random places inside their region (crops of one split may overlap each other), resized to
-  32 px.
+  cut along its longer side into ten strips, dealt at random (per photo) six to train, two
+  to val and two to test, so no pixel of a test crop was ever seen in training and val and
+  test are drawn alike: neither sits in a fixed place of the photo. Crops are square,
+  32–48 px (at most a strip wide), at random places inside one of their split's strips
+  (crops of one split may overlap each other), resized to 32 px.
+
+  Layout 1 (before 2026-11-29) cut three fixed bands, train | val | test: val lay next to
+  train and test at the photo's edge, so val accuracy ran 5–10 points above test and
+  ranked fine-tuning depths differently from it. A folder in that layout is rebuilt.
 * **glyphs**: the 26 capital letters rendered from the TrueType fonts matplotlib ships
   (DejaVu, STIX, Computer Modern), one class per letter, with fonts split disjointly across
   train, val and test, so the test letters are in typefaces never trained on. Each image
@@ -24,13 +29,15 @@ images per class (500), and 100 validation and 100 test images per class. Smalle
     make finetune ARGS="data=image_folder data.root=data/dev/textures data.limit_per_class=100"
 
 Folders are written under a temporary name and renamed when complete; an existing data set
-is left alone.
+of the current layout (``dataset.json``) is left alone, an older one is replaced once the new
+one is complete.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -43,6 +50,10 @@ from transferkit.errors import ConfigError, MissingPackageError
 
 SIZE = 32
 SPLITS = (("train", 0.6), ("val", 0.2), ("test", 0.2))
+#: textures: strips per photo, dealt to the splits in the proportions of SPLITS.
+STRIPS = 10
+#: the layout written to each data set's ``dataset.json``; a folder of an older one is rebuilt.
+LAYOUT = {"textures": 2, "glyphs": 1}
 #: scikit-image sample photos used as texture classes (file stem → class name).
 PHOTOS = {
     "astronaut": "astronaut", "brick": "brick", "camera": "camera", "cell": "cell",
@@ -56,29 +67,40 @@ FONT_PREFIXES = ("DejaVuSans", "DejaVuSerif", "STIXGeneral", "cmr10", "cmb10", "
                  "cmti10", "cmtt10")  # fmt: skip
 
 
-def _regions(width: int, height: int) -> dict[str, tuple[int, int, int, int]]:
-    """Disjoint (left, top, right, bottom) regions of the splits, along the longer side."""
-    out, start = {}, 0.0
+def _strips(width: int, height: int, rng: np.random.Generator
+            ) -> dict[str, list[tuple[int, int, int, int]]]:  # fmt: skip
+    """Disjoint (left, top, right, bottom) strips of the splits: the longer side cut into
+    ``STRIPS`` strips, dealt at random in the proportions of ``SPLITS``."""
     along = max(width, height)
+    cuts = [round(i * along / STRIPS) for i in range(STRIPS + 1)]
+    order = [int(i) for i in rng.permutation(STRIPS)]
+    out, start = {}, 0
     for name, share in SPLITS:
-        lo, hi = round(start * along), round((start + share) * along)
-        out[name] = (lo, 0, hi, height) if width >= height else (0, lo, width, hi)
-        start += share
+        n = round(share * STRIPS)
+        out[name] = [
+            (cuts[i], 0, cuts[i + 1], height) if width >= height
+            else (0, cuts[i], width, cuts[i + 1])
+            for i in sorted(order[start : start + n])
+        ]  # fmt: skip
+        start += n
     return out
 
 
 def texture_crops(
     photo: Image.Image, counts: dict[str, int], rng: np.random.Generator
 ) -> dict[str, list[tuple[Image.Image, tuple[int, int, int, int]]]]:
-    """``counts[split]`` crops of ``photo`` from that split's region, with their boxes."""
+    """``counts[split]`` crops of ``photo`` from that split's strips, with their boxes."""
     photo = photo.convert("RGB")
     out: dict[str, list[tuple[Image.Image, tuple[int, int, int, int]]]] = {}
-    for name, (left, top, right, bottom) in _regions(*photo.size).items():
-        side_max = min(48, right - left, bottom - top)
+    for name, strips in _strips(*photo.size, rng).items():
+        side_max = min(48, *(min(x1 - x0, y1 - y0) for x0, y0, x1, y1 in strips))
         if side_max < 16:
-            raise ConfigError(f"a {photo.size} photo is too small to cut three regions from")
+            raise ConfigError(
+                f"a {photo.size} photo is too small to cut {STRIPS} strips of at least 16 px from"
+            )
         crops = []
         for _ in range(counts[name]):
+            left, top, right, bottom = strips[int(rng.integers(len(strips)))]
             side = int(rng.integers(min(32, side_max), side_max + 1))
             x = int(rng.integers(left, right - side + 1))
             y = int(rng.integers(top, bottom - side + 1))
@@ -113,9 +135,22 @@ def font_splits(fonts: Sequence[Path], seed: int) -> dict[str, list[Path]]:
             "train": order[n_test + n_val :]}  # fmt: skip
 
 
-def _write(root: Path, build: Callable[[Path, Any], None]) -> Path:
-    """Build into ``root.partial``, then rename: a data set is complete or absent."""
-    if root.exists():
+def layout_of(root: Path) -> int | None:
+    """The layout a data set folder was built in: 1 for folders from before ``dataset.json``
+    (they have only ``crops.csv``), ``None`` when ``root`` is not such a folder."""
+    marker = root / "dataset.json"
+    if marker.exists():
+        return int(json.loads(marker.read_text()).get("layout", 1))
+    return 1 if (root / "crops.csv").exists() else None
+
+
+def _write(root: Path, build: Callable[[Path, Any], None], about: dict[str, Any]) -> Path:
+    """Build into ``root.partial``, then rename: a data set is complete or absent. A folder of
+    the current layout is left alone; one this module built in an older layout is replaced,
+    after the new one is complete."""
+    layout = LAYOUT[about["name"]]
+    found = layout_of(root)
+    if root.exists() and (found is None or found >= layout):
         print(f"{root} exists: left as it is (delete it to rebuild)")
         return root
     tmp = root.with_name(root.name + ".partial")
@@ -124,10 +159,19 @@ def _write(root: Path, build: Callable[[Path, Any], None]) -> Path:
     try:
         with (tmp / "crops.csv").open("w", newline="") as f:
             build(tmp, csv.writer(f))
+        (tmp / "dataset.json").write_text(json.dumps({**about, "layout": layout}, indent=1) + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    tmp.rename(root)
+    if root.exists():
+        print(f"{root}: layout {found} is out of date, replaced by layout {layout}")
+        old = root.with_name(root.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        root.rename(old)
+        tmp.rename(root)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(root)
     return root
 
 
@@ -149,7 +193,9 @@ def build_textures(root: Path, photos: dict[str, Path], per_class: int, eval_per
                     image.save(folder / f"{i:04d}.png")
                     rows.writerow([split, name, f"{split}/{name}/{i:04d}.png", path.name, *box])
 
-    return _write(root, build)
+    about = {"name": "textures", "per_class": per_class, "eval_per_class": eval_per_class,
+             "seed": seed}  # fmt: skip
+    return _write(root, build, about)
 
 
 def build_glyphs(root: Path, fonts: Sequence[Path], per_class: int, eval_per_class: int,
@@ -177,7 +223,9 @@ def build_glyphs(root: Path, fonts: Sequence[Path], per_class: int, eval_per_cla
                     rows.writerow([split, char, f"{split}/{char}/{i:04d}.png", font.name])
                     i += 1
 
-    return _write(root, build)
+    about = {"name": "glyphs", "per_class": per_class, "eval_per_class": eval_per_class,
+             "seed": seed}  # fmt: skip
+    return _write(root, build, about)
 
 
 def sample_photos() -> dict[str, Path]:

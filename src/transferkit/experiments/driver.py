@@ -111,10 +111,21 @@ def plan_runs(
 
 
 def fingerprint(cfg: Any) -> str:
-    """A hash of the composed, unresolved config: an edited experiment YAML changes it."""
+    """A hash of the composed, unresolved config: an edited experiment YAML changes it. A data
+    folder that describes itself (``dataset.json``, written by ``make data-dev``) adds its
+    description, so runs on a rebuilt data set are not reused."""
     from omegaconf import OmegaConf
 
-    return hashlib.sha256(OmegaConf.to_yaml(cfg).encode()).hexdigest()[:16]
+    text = OmegaConf.to_yaml(cfg)
+    try:
+        root = OmegaConf.select(cfg, "data.root", default=None)
+    except Exception:  # an interpolation that cannot be resolved here: the config alone
+        root = None
+    if root:
+        marker = Path(str(root)) / "dataset.json"
+        if marker.is_file():
+            text += marker.read_text()
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def earlier_result(overrides: list[str], config: str, run_dir: Path) -> Run | None:
