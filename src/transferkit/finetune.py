@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -438,7 +439,12 @@ def finetune(cfg: DictConfig, datamodule: Any = None) -> tuple[dict[str, Any], d
     start = time.perf_counter()
     go_on = objects.get("resume_from")  # finetune=auto's winner, from its last race round
     try:
-        trainer.fit(model, datamodule=fit_dm, ckpt_path=cfg.get("ckpt_path") or go_on)
+        with warnings.catch_warnings():
+            if cfg.get("ckpt_path") or go_on:  # going on in its own folder: it holds checkpoints
+                warnings.filterwarnings("ignore", "Checkpoint directory .* exists and is not empty")
+            if go_on:  # the race's folders are in the run's, no log of this run is there yet
+                warnings.filterwarnings("ignore", "Experiment logs directory .* exists and is not")
+            trainer.fit(model, datamodule=fit_dm, ckpt_path=cfg.get("ckpt_path") or go_on)
     finally:
         if go_on:
             Path(go_on).unlink(missing_ok=True)
