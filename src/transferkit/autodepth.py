@@ -398,7 +398,7 @@ def race(cfg: Any, total_blocks: int, prior_blocks: int, budget_steps: int,
     from transferkit.finetune import finetune
 
     settings = cfg.finetune.get("race") or {}
-    candidates = ladder(list(settings.get("candidates", [0, 0.25, 0.5, "all"])), total_blocks)
+    candidates = ladder(list(settings.get("candidates", [0, 0.25, 0.5])), total_blocks)
     root = Path(cfg.paths.output_dir) / "auto"
     keep = bool(settings.get("keep_runs", False))
     go_on = continuable(cfg, world_size) and bool(settings.get("continue", True))
