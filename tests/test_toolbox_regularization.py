@@ -190,3 +190,18 @@ def test_fit_history_survives_resume(image_folder, tmp_path, make_cfg):
                              f"ckpt_path={out}/checkpoints/last.ckpt", "test=false")  # fmt: skip
     summary, _ = finetune(make_cfg(*resumed))
     assert summary["fit_evidence"]["validated_epochs"] == 3
+
+
+def test_resuming_in_the_same_folder_keeps_the_earlier_metrics(image_folder, tmp_path, make_cfg):
+    """The README resumes with hydra.run.dir on the old run: Lightning's CSV logger deleted
+    the metrics.csv of the run's first part; it is now kept aside."""
+    out = tmp_path / "run"
+    finetune(make_cfg(*tiny_overrides(image_folder, out, "trainer.max_epochs=2", "test=false",
+                                      "logger=csv")))  # fmt: skip
+    first = (out / "metrics.csv").read_text()
+    assert "val/loss" in first
+    resume = f"ckpt_path={out}/checkpoints/last.ckpt"
+    finetune(make_cfg(*tiny_overrides(image_folder, out, "trainer.max_epochs=3", "test=false",
+                                      "logger=csv", resume)))  # fmt: skip
+    assert (out / "metrics.before-resume-1.csv").read_text() == first
+    assert (out / "metrics.csv").is_file()  # the resumed part's own log

@@ -431,6 +431,7 @@ def finetune(cfg: DictConfig, datamodule: Any = None) -> tuple[dict[str, Any], d
         policy = TargetPolicy.from_config(cfg, also=config_targets(_plain(cfg)))
         order = {"batch_per_device": dm.batch_size, "devices": trainer.world_size, "seed": dm.seed}
         check_resume(cfg.ckpt_path, cfg.model.backbone, dm.classes, policy, order)
+        _keep_earlier_metrics(trainer)
     lr_find = None
     if cfg.get("tune") and cfg.tune.get("lr_find"):  # range test, then train at its suggestion
         from transferkit.lr_find import tune_lr
@@ -438,11 +439,13 @@ def finetune(cfg: DictConfig, datamodule: Any = None) -> tuple[dict[str, Any], d
         lr_find = tune_lr(cfg, objects)
     start = time.perf_counter()
     go_on = objects.get("resume_from")  # finetune=auto's winner, from its last race round
+    if go_on and not cfg.get("ckpt_path"):
+        _keep_earlier_metrics(trainer)  # an earlier run's log in a reused output folder
     try:
         with warnings.catch_warnings():
-            if cfg.get("ckpt_path") or go_on:  # going on in its own folder: it holds checkpoints
+            if cfg.get("ckpt_path") or go_on:  # going on in its own folder: it holds
+                # checkpoints, and no log to delete (the earlier metrics.csv was moved aside)
                 warnings.filterwarnings("ignore", "Checkpoint directory .* exists and is not empty")
-            if go_on:  # the race's folders are in the run's, no log of this run is there yet
                 warnings.filterwarnings("ignore", "Experiment logs directory .* exists and is not")
             trainer.fit(model, datamodule=fit_dm, ckpt_path=cfg.get("ckpt_path") or go_on)
     finally:
@@ -531,6 +534,25 @@ def finetune(cfg: DictConfig, datamodule: Any = None) -> tuple[dict[str, Any], d
     if cfg.get("report", True):
         write_run_report(cfg, summary, objects)
     return summary, objects
+
+
+@rank_zero_only
+def _keep_earlier_metrics(trainer: Any) -> None:
+    """A run resumed in its own folder (the README's way) would lose the ``metrics.csv`` of
+    its earlier part: Lightning's CSV logger deletes the file it finds there. Move it aside
+    to ``metrics.before-resume-<n>.csv`` first."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    for lg in trainer.loggers:
+        if not isinstance(lg, CSVLogger):
+            continue
+        path = Path(lg.log_dir) / "metrics.csv"
+        if path.is_file():
+            n = 1
+            while (kept := path.with_name(f"metrics.before-resume-{n}.csv")).exists():
+                n += 1
+            path.rename(kept)
+            log.info("resumed in the same folder: the earlier metrics.csv is kept as %s", kept)
 
 
 @rank_zero_only
