@@ -4,6 +4,7 @@ within noise of the best, and a run that composes with caching, resume and DDP."
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -279,8 +280,9 @@ def test_auto_races_without_checkpoint_callbacks(make_cfg, folder, tmp_path):
     cfg = make_cfg(*(o for o in overrides if o != "~callbacks.progress_bar"))
     summary, _ = finetune(cfg)
     trials = summary["plan"]["measured"]["trials"]
-    candidates = len(cfg.finetune.race.candidates)  # round 1 all of them, round 2 the better half
-    assert len(trials) == candidates + (candidates + 1) // 2
+    race = cfg.finetune.race  # round 1 every candidate, round 2 the better 1/eta
+    candidates = len(ladder(list(race.candidates), summary["total_blocks"]))
+    assert len(trials) == candidates + math.ceil(candidates / race.eta)
     assert all(0 <= t["score"] <= 1 for t in trials)
 
 

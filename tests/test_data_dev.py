@@ -128,3 +128,17 @@ def test_a_folder_of_the_old_layout_is_rebuilt_and_runs_on_it_are_not_reused(tmp
     assert json.loads((root / "dataset.json").read_text())["layout"] == LAYOUT["textures"]
     assert fingerprint(cfg) == new_print
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png", "t"]  # no .old, no .partial
+
+
+def test_a_folder_this_module_did_not_write_is_never_replaced(tmp_path) -> None:
+    photos = {"p": _photo(tmp_path / "p.png", (200, 100), 0)}
+    mine = tmp_path / "t"
+    (mine / "train").mkdir(parents=True)
+    (mine / "crops.csv").write_text("my,own,columns\n")
+    (mine / "notes.txt").write_text("keep me")
+    build_textures(mine, photos, per_class=3, eval_per_class=2)
+    assert (mine / "notes.txt").read_text() == "keep me" and not (mine / "dataset.json").exists()
+    (mine / "dataset.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not a data set description"):
+        build_textures(mine, photos, per_class=3, eval_per_class=2)
+    assert (mine / "notes.txt").exists()

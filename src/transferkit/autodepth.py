@@ -2,7 +2,7 @@
 
 The count-keyed table (``finetune=table``) gives the prior: the step budget for the data size
 and a depth. ``auto`` then measures. Every candidate depth of ``finetune.race.candidates``
-(by default 0, a quarter, half and all of the backbone's blocks) trains a short run of the
+(by default 0, a quarter and half of the backbone's blocks) trains a short run of the
 same recipe, ``fractions[0]`` of the budget, on the training split and is scored on the
 validation split. Successive halving (Jamieson & Talwalkar 2016; Li et al. 2017,
 Hyperband) keeps the better ``1/eta`` of them for a longer round (``fractions[1]``). Among

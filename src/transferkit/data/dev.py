@@ -74,9 +74,10 @@ def _strips(width: int, height: int, rng: np.random.Generator
     along = max(width, height)
     cuts = [round(i * along / STRIPS) for i in range(STRIPS + 1)]
     order = [int(i) for i in rng.permutation(STRIPS)]
+    counts = [round(share * STRIPS) for _, share in SPLITS]
+    assert sum(counts) == STRIPS and min(counts) >= 1, (SPLITS, STRIPS)
     out, start = {}, 0
-    for name, share in SPLITS:
-        n = round(share * STRIPS)
+    for (name, _), n in zip(SPLITS, counts, strict=True):
         out[name] = [
             (cuts[i], 0, cuts[i + 1], height) if width >= height
             else (0, cuts[i], width, cuts[i + 1])
@@ -135,25 +136,55 @@ def font_splits(fonts: Sequence[Path], seed: int) -> dict[str, list[Path]]:
             "train": order[n_test + n_val :]}  # fmt: skip
 
 
+TEXTURES_HEADER = "split,class,file,source,left,top,right,bottom"
+OURS = {"train", "val", "test", "crops.csv", "dataset.json"}
+
+
 def layout_of(root: Path) -> int | None:
-    """The layout a data set folder was built in: 1 for folders from before ``dataset.json``
-    (they have only ``crops.csv``), ``None`` when ``root`` is not such a folder."""
+    """The layout a data set folder was built in (``dataset.json``); 1 for a textures folder
+    from before it (only what this module writes: ``crops.csv`` with the textures columns
+    and the split folders); ``None`` for anything else, which is never replaced."""
     marker = root / "dataset.json"
     if marker.exists():
-        return int(json.loads(marker.read_text()).get("layout", 1))
-    return 1 if (root / "crops.csv").exists() else None
+        try:
+            about = json.loads(marker.read_text())
+            return int(about["layout"])
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise ConfigError(
+                f"{marker} is not a data set description ({e}); delete {root} to rebuild it."
+            ) from e
+    crops = root / "crops.csv"
+    if not crops.is_file() or {p.name for p in root.iterdir()} - OURS:
+        return None
+    with crops.open() as f:
+        return 1 if f.readline().strip() == TEXTURES_HEADER else None
+
+
+def is_current(root: Path) -> bool:
+    """Whether ``root`` holds a data set of the current layout (or one this module would
+    leave alone)."""
+    if not (root / "train").is_dir():
+        return False
+    found = layout_of(root)
+    return found is None or found >= LAYOUT.get(root.name, 1)
 
 
 def _write(root: Path, build: Callable[[Path, Any], None], about: dict[str, Any]) -> Path:
     """Build into ``root.partial``, then rename: a data set is complete or absent. A folder of
-    the current layout is left alone; one this module built in an older layout is replaced,
-    after the new one is complete."""
+    the current layout, or one this module did not write, is left alone; one it built in an
+    older layout is replaced after the new one is complete (the old one is kept as
+    ``root.old`` until the new one is in place)."""
     layout = LAYOUT[about["name"]]
-    found = layout_of(root)
+    tmp = root.with_name(root.name + ".partial")
+    old = root.with_name(root.name + ".old")
+    if not root.exists() and old.exists() and layout_of(tmp) == layout:
+        tmp.rename(root)  # a replacement stopped between its two renames: finish it
+    found = layout_of(root) if root.exists() else None
     if root.exists() and (found is None or found >= layout):
+        if old.exists() and layout_of(old) is not None:
+            shutil.rmtree(old, ignore_errors=True)
         print(f"{root} exists: left as it is (delete it to rebuild)")
         return root
-    tmp = root.with_name(root.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -163,15 +194,20 @@ def _write(root: Path, build: Callable[[Path, Any], None], about: dict[str, Any]
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if root.exists():
-        print(f"{root}: layout {found} is out of date, replaced by layout {layout}")
-        old = root.with_name(root.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        root.rename(old)
+    if not root.exists():
         tmp.rename(root)
-        shutil.rmtree(old)
-    else:
+        return root
+    print(f"{root}: layout {found} is out of date, replaced by layout {layout}")
+    shutil.rmtree(old, ignore_errors=True)
+    root.rename(old)
+    try:
         tmp.rename(root)
+    except BaseException:
+        old.rename(root)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if old.exists():
+        print(f"{old}: the replaced data set could not be deleted; delete it by hand")
     return root
 
 

@@ -21,10 +21,12 @@ DEV_ROOT = Path("data/dev")
 
 
 def ensure_dev_data(root: Path = DEV_ROOT) -> None:
-    """Build ``make data-dev``'s sets (about a minute, offline) when they are missing."""
-    if all((root / name / "train").is_dir() for name in ("textures", "glyphs")):
-        return
+    """Build ``make data-dev``'s sets (about a minute, offline) when they are missing or of
+    an older layout."""
     from transferkit.data import dev
+
+    if all(dev.is_current(root / name) for name in ("textures", "glyphs")):
+        return
 
     print(f"building the development data sets into {root} (make data-dev) ...", flush=True)
     dev.main([str(root)])

@@ -123,8 +123,11 @@ def fingerprint(cfg: Any) -> str:
         root = None
     if root:
         marker = Path(str(root)) / "dataset.json"
-        if marker.is_file():
-            text += marker.read_text()
+        try:
+            text += marker.read_text() if marker.is_file() else ""
+        except OSError as e:
+            raise ConfigError(f"{marker} cannot be read ({e}); fix its permissions or "
+                              "rebuild the data set with make data-dev.") from e  # fmt: skip
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
