@@ -71,3 +71,17 @@ def test_a_tiny_grid_runs_reports_and_resumes(tmp_path: Path, capsys):
 def test_a_missing_dev_set_names_the_command_that_builds_it(tmp_path: Path, capsys):
     assert tb.main(["--data", "glyphs", "--dev-root", str(tmp_path)]) == 2
     assert "make data-dev" in capsys.readouterr().err
+
+
+def test_an_old_or_broken_dev_set_is_not_benched(tmp_path: Path, capsys):
+    """A textures folder of the first layout (val next to train, test at the edge) would
+    give a bench whose validation does not predict its test: refused, as is a malformed
+    dataset.json, each in one line."""
+    old = tmp_path / "textures"
+    (old / "train").mkdir(parents=True)
+    (old / "crops.csv").write_text("split,class,file,source,left,top,right,bottom\n")
+    assert tb.main(["--data", "textures", "--dev-root", str(tmp_path)]) == 2
+    assert "older layout" in capsys.readouterr().err
+    (old / "dataset.json").write_text("[]")
+    assert tb.main(["--data", "textures", "--dev-root", str(tmp_path)]) == 2
+    assert "not a data set description" in capsys.readouterr().err

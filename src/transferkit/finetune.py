@@ -431,20 +431,19 @@ def finetune(cfg: DictConfig, datamodule: Any = None) -> tuple[dict[str, Any], d
         policy = TargetPolicy.from_config(cfg, also=config_targets(_plain(cfg)))
         order = {"batch_per_device": dm.batch_size, "devices": trainer.world_size, "seed": dm.seed}
         check_resume(cfg.ckpt_path, cfg.model.backbone, dm.classes, policy, order)
-        _keep_earlier_metrics(trainer)
+    go_on = objects.get("resume_from")  # finetune=auto's winner, from its last race round
+    resuming = bool(cfg.get("ckpt_path") or go_on)  # in its own folder: checkpoints are there
+    if resuming:
+        _keep_earlier_metrics(trainer)  # before Lightning's CSV logger deletes it
     lr_find = None
     if cfg.get("tune") and cfg.tune.get("lr_find"):  # range test, then train at its suggestion
         from transferkit.lr_find import tune_lr
 
         lr_find = tune_lr(cfg, objects)
     start = time.perf_counter()
-    go_on = objects.get("resume_from")  # finetune=auto's winner, from its last race round
-    if go_on and not cfg.get("ckpt_path"):
-        _keep_earlier_metrics(trainer)  # an earlier run's log in a reused output folder
     try:
         with warnings.catch_warnings():
-            if cfg.get("ckpt_path") or go_on:  # going on in its own folder: it holds
-                # checkpoints, and no log to delete (the earlier metrics.csv was moved aside)
+            if resuming:  # expected checkpoints, and no log left to delete (moved aside)
                 warnings.filterwarnings("ignore", "Checkpoint directory .* exists and is not empty")
                 warnings.filterwarnings("ignore", "Experiment logs directory .* exists and is not")
             trainer.fit(model, datamodule=fit_dm, ckpt_path=cfg.get("ckpt_path") or go_on)

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from transferkit.errors import ConfigError
 from transferkit.experiments.common import _plt, save_csv, save_figure, split_overrides, table
 from transferkit.io import atomic_write_bytes
 
@@ -324,7 +325,12 @@ def main(argv: list[str] | None = None) -> int:
     from transferkit.data.dev import is_current
 
     for d in grid["data"]:
-        if d != "animal_mnist" and not is_current(dev_root / d):
+        try:
+            current = d == "animal_mnist" or is_current(dev_root / d)
+        except ConfigError as e:  # a malformed dataset.json: it says what to do
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if not current:
             print(f"error: {dev_root / d} is missing or of an older layout: run `make "
                   "data-dev` first (or pass --dev-root).", file=sys.stderr)  # fmt: skip
             return 2
