@@ -87,6 +87,26 @@ def test_halving_keeps_the_better_half_for_a_longer_round():
     assert calls == [(0, 15, 0), (4, 15, 0), (4, 27, 1)]
 
 
+def test_rounds_end_where_the_run_validates_and_record_the_steps_trained():
+    calls = []
+
+    def run(blocks, steps, rnd):
+        calls.append((blocks, steps, rnd))
+        stopped_early = blocks == 8 and rnd == 1
+        return 0.8 + blocks / 100, 1000, 1.0, None, 40 if stopped_early else steps
+
+    def every_16(steps):  # a validation every 16 steps
+        return -(-steps // 16) * 16
+
+    _, trials, _ = halving([0, 4, 8], run, budget_steps=100, fractions=(0.125, 0.5),
+                           snap=every_16)  # fmt: skip
+    assert sorted({c[1] for c in calls}) == [16, 64]  # 12.5 → 16 and 50 → 64 steps
+    assert [t.steps for t in trials if t.round == 1] == [64, 40]  # as trained
+    calls.clear()
+    halving([0, 4], run, budget_steps=100, fractions=(0.125, 0.5), snap=lambda s: 96)
+    assert calls == [(0, 96, 0), (4, 96, 0)]  # two rounds that end alike are one
+
+
 def test_round_steps_grow_even_when_the_floor_would_make_them_equal():
     assert round_steps(24, (0.125, 0.5), 10) == [10, 12]
     assert round_steps(8, (0.5, 1.0), 10) == [8, 8]  # the budget caps both
@@ -130,7 +150,7 @@ def folder(tmp_path: Path) -> Path:
 def test_auto_races_then_trains_the_chosen_depth_as_the_fixed_run_would(make_cfg, folder, tmp_path):
     from transferkit.finetune import finetune
 
-    common = ["trainer.max_epochs=null", "finetune.steps=24", "report=true", "logger=csv"]
+    common = ["trainer.max_epochs=null", "finetune.steps=48", "report=true", "logger=csv"]
     auto_cfg = make_cfg(*tiny_overrides(folder, tmp_path / "auto", "finetune=auto", *common))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -142,9 +162,11 @@ def test_auto_races_then_trains_the_chosen_depth_as_the_fixed_run_would(make_cfg
     total = summary["total_blocks"]
     first = [t for t in measured["trials"] if t["round"] == 0]
     assert [t["blocks"] for t in first] == ladder(list(auto_cfg.finetune.race.candidates), total)
-    assert all(t["val_size"] == summary["val_size"] and t["steps"] == 10 for t in first)
+    # 24 training images in batches of 8: 3 steps an epoch, 16 epochs, validated every epoch;
+    # rounds of 4 (the floor of 10 steps, in whole epochs) and 8 epochs
+    assert all(t["val_size"] == summary["val_size"] and t["steps"] == 12 for t in first)
     second = [t for t in measured["trials"] if t["round"] == 1]
-    assert len(second) == 2 and all(t["steps"] == 12 for t in second)
+    assert len(second) == 2 and all(t["steps"] == 24 for t in second)
     chosen = measured["blocks"]
     assert summary["plan"]["trainable_blocks"] == chosen
     assert "measured" in summary["plan"]["reason"]
@@ -152,7 +174,7 @@ def test_auto_races_then_trains_the_chosen_depth_as_the_fixed_run_would(make_cfg
     report = (tmp_path / "auto" / "report.md").read_text()
     assert "How the depth was chosen" in report and (tmp_path / "auto" / "auto_race.png").is_file()
 
-    assert "goes on from its 12 steps of the race" in measured["reason"]
+    assert "goes on from its 24 steps of the race" in measured["reason"]
     assert not (tmp_path / "auto" / "auto" / "continue.ckpt").exists()
 
     # The race leaves the random state as it found it, and the winner went on from its last
@@ -183,6 +205,70 @@ def test_auto_races_then_trains_the_chosen_depth_as_the_fixed_run_would(make_cfg
     resumed, _ = finetune(resumed_cfg)
     assert resumed["plan"]["measured"]["source"] == "checkpoint"
     assert resumed["plan"]["trainable_blocks"] == chosen
+
+
+def test_a_winner_early_stopping_ended_in_the_race_is_the_fixed_run_and_trains_no_more(
+    make_cfg, folder, tmp_path
+):
+    """The race validates when the fixed run does, so early stopping acts as it would there.
+    Before, each round validated once: early stopping could not act in the race, and the
+    final run trained on (to the whole budget here) where the fixed run had stopped."""
+    from transferkit.finetune import finetune
+
+    # no validation after the first improves on it: early stopping ends every run at the
+    # second validation, after 2 of its 16 epochs
+    common = ["trainer.max_epochs=null", "finetune.steps=48", "callbacks.early_stopping.patience=1",
+              "callbacks.early_stopping.min_delta=10"]  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        auto, _ = finetune(make_cfg(*tiny_overrides(folder, tmp_path / "auto", "finetune=auto",
+                                                    *common)))  # fmt: skip
+    # the race's best checkpoint, tested here, names the run's folder as its own
+    assert not [w for w in caught if "dirpath has changed" in str(w.message)]
+    measured = auto["plan"]["measured"]
+    assert measured["stopped_steps"] == 6 and measured["stopped_epochs"] == 2
+    assert "early stopping ended it" in measured["reason"]
+    assert all(t["steps"] == 6 for t in measured["trials"])  # round 2 had nothing to train
+    assert all(t["seconds"] == 0 for t in measured["trials"] if t["round"] == 1)
+    chosen = measured["blocks"]
+    fixed, _ = finetune(make_cfg(*tiny_overrides(
+        folder, tmp_path / "fixed", "finetune=partial", f"finetune.trainable_blocks={chosen}",
+        *common)))  # fmt: skip
+    assert fixed["global_steps"] == 6 and auto["global_steps"] == 6
+    assert auto["test_acc"] == pytest.approx(fixed["test_acc"])
+    ours = torch.load(tmp_path / "auto" / "checkpoints" / "best.ckpt", weights_only=True)
+    theirs = torch.load(tmp_path / "fixed" / "checkpoints" / "best.ckpt", weights_only=True)
+    for name, value in theirs["state_dict"].items():
+        torch.testing.assert_close(ours["state_dict"][name], value, msg=name)
+
+
+def test_the_paired_record_is_the_best_validations_and_survives_a_checkpoint():
+    """The race scores a candidate by its best validation; its image-by-image record must be
+    that validation's, also when the best came in an earlier round (a checkpoint ago)."""
+
+    class Trainer:
+        sanity_checking = False
+
+    class Module:
+        _val_record = None
+
+    def validate(recorder, right):
+        module = Module()
+        recorder.on_validation_epoch_start(Trainer(), module)
+        module._val_record.append(torch.tensor(right))
+        recorder.on_validation_epoch_end(Trainer(), module)
+
+    first = autodepth.ValRecorder()
+    validate(first, [True, True, False, True])
+    validate(first, [True, False, False, True])  # worse: the best stays
+    assert first.correct == [True, True, False, True]
+    later = autodepth.ValRecorder()  # the next round, from the checkpoint
+    later.load_state_dict(first.state_dict())
+    validate(later, [False, True, True, True])  # as good, not better: the first of equals
+    assert later.correct == [True, True, False, True]
+    validate(later, [True, True, True, True])
+    assert later.correct == [True] * 4
+    assert autodepth.ValRecorder().state_dict() == {}
 
 
 def test_auto_without_a_validation_split_says_what_to_do(make_cfg, folder, tmp_path):
@@ -216,13 +302,14 @@ def test_the_winner_checkpoint_is_adopted_with_its_best_validation(tmp_path):
     path into the race's folder, which is deleted, and forgets the best score."""
     race_dir, run_dir = tmp_path / "auto" / "blocks8" / "checkpoints", tmp_path / "checkpoints"
     race_dir.mkdir(parents=True)
-    (race_dir / "best.ckpt").write_bytes(b"the race's best weights")
     key = "ModelCheckpoint{'monitor': 'val/acc', 'mode': 'max'}"
     state = {
         "dirpath": str(race_dir), "best_model_score": torch.tensor(0.976),
         "best_model_path": str(race_dir / "best.ckpt"),
         "best_k_models": {str(race_dir / "best.ckpt"): torch.tensor(0.976)},
     }  # fmt: skip
+    weights = {"head.weight": torch.tensor([0.5, -1.0])}
+    torch.save({"state_dict": weights, "callbacks": {key: state}}, race_dir / "best.ckpt")
     torch.save({"callbacks": {key: state, "EarlyStopping{}": {"wait_count": 1}}, "epoch": 1},
                race_dir / "last.ckpt")  # fmt: skip
     autodepth.adopt(race_dir / "last.ckpt", tmp_path / "continue.ckpt", run_dir)
@@ -233,7 +320,10 @@ def test_the_winner_checkpoint_is_adopted_with_its_best_validation(tmp_path):
     assert list(moved["best_k_models"]) == [str(run_dir / "best.ckpt")]
     assert float(moved["best_model_score"]) == pytest.approx(0.976)
     assert got["callbacks"]["EarlyStopping{}"] == {"wait_count": 1} and got["epoch"] == 1
-    assert (run_dir / "best.ckpt").read_bytes() == b"the race's best weights"
+    best = torch.load(run_dir / "best.ckpt", weights_only=True)
+    torch.testing.assert_close(best["state_dict"], weights)
+    # testing from it restores its callbacks too: they name the run's folder
+    assert best["callbacks"][key]["dirpath"] == str(run_dir)
 
 
 def test_adopt_follows_lightning_through_a_symlinked_run_folder(tmp_path):
@@ -244,16 +334,16 @@ def test_adopt_follows_lightning_through_a_symlinked_run_folder(tmp_path):
     link = tmp_path / "link"
     link.symlink_to(real)
     race_dir = link / "auto" / "blocks4" / "checkpoints"  # as the config names it
-    (race_dir / "best.ckpt").write_bytes(b"best")
     stored = os.path.realpath(race_dir)  # as Lightning stores it
     key = "ModelCheckpoint{'monitor': 'val/acc'}"
     state = {"dirpath": stored, "best_model_path": f"{stored}/best.ckpt"}
+    torch.save({"callbacks": {key: state}}, race_dir / "best.ckpt")
     torch.save({"callbacks": {key: state}}, race_dir / "last.ckpt")
     autodepth.adopt(race_dir / "last.ckpt", link / "continue.ckpt", link / "checkpoints")
     moved = torch.load(link / "continue.ckpt", weights_only=True)["callbacks"][key]
     assert moved["dirpath"] == os.path.realpath(link / "checkpoints")
     assert moved["best_model_path"] == os.path.realpath(link / "checkpoints" / "best.ckpt")
-    assert (real / "checkpoints" / "best.ckpt").read_bytes() == b"best"
+    assert (real / "checkpoints" / "best.ckpt").is_file()  # the best checkpoint came along
 
 
 def test_candidates_train_the_recipe_of_the_table_row_and_lr_find_never_goes_on(make_cfg):
@@ -276,7 +366,7 @@ def test_auto_races_without_checkpoint_callbacks(make_cfg, folder, tmp_path):
     from transferkit.finetune import finetune
 
     overrides = tiny_overrides(folder, tmp_path / "r", "finetune=auto", "callbacks=none",
-                               "trainer.max_epochs=null", "finetune.steps=20")  # fmt: skip
+                               "trainer.max_epochs=null", "finetune.steps=48")  # fmt: skip
     cfg = make_cfg(*(o for o in overrides if o != "~callbacks.progress_bar"))
     summary, _ = finetune(cfg)
     trials = summary["plan"]["measured"]["trials"]

@@ -3,14 +3,18 @@
 The count-keyed table (``finetune=table``) gives the prior: the step budget for the data size
 and a depth. ``auto`` then measures. Every candidate depth of ``finetune.race.candidates``
 (by default 0, a quarter and half of the backbone's blocks) trains a short run of the
-same recipe, ``fractions[0]`` of the budget, on the training split and is scored on the
-validation split. Successive halving (Jamieson & Talwalkar 2016; Li et al. 2017,
-Hyperband) keeps the better ``1/eta`` of them for a longer round (``fractions[1]``). Among
-the last round's candidates, the cheapest (measured seconds) whose score is within ``z``
-standard errors of the best is the choice: a deeper network must beat a cheaper one by more
-than the validation split can resolve. The error is the paired one (the candidates are
-scored on the same images, so only the images they disagree on count). The chosen depth
-then trains the full budget, going on from its race checkpoint when that is exact.
+same recipe, ``fractions[0]`` of the budget, on the training split and is scored by its
+best validation so far (the weights its run would test if it ended there). Successive
+halving (Jamieson & Talwalkar 2016; Li et al. 2017, Hyperband) keeps the better ``1/eta``
+of them for a longer round (``fractions[1]``). Among the last round's candidates, the
+cheapest (measured seconds; nothing for one early stopping already ended) whose score is
+within ``z`` standard errors of the best is the choice: a deeper network must beat a
+cheaper one by more than the validation split can resolve. The error is the paired one
+(the candidates are scored on the same images, so only the images they disagree on count).
+The chosen depth then trains the full budget, going on from its race checkpoint when that
+is exact. Going on, a candidate validates when the whole run at its depth would, and each
+round ends on such a validation, so early stopping acts as in that run: one it ends is
+finished (its result stands), and the final run of a finished winner trains nothing more.
 
 The race composes with the rest of a run:
 
@@ -43,7 +47,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, EarlyStopping
+from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 
 from transferkit.errors import CheckpointError, ConfigError
 from transferkit.policy import parse_blocks
@@ -82,6 +87,8 @@ class Decision:
     reason: str = ""
     source: str = "race"  # race | checkpoint | rank 0 | table
     resume_from: str | None = None  # the winner's checkpoint, for the final run to go on from
+    stopped_steps: int | None = None  # early stopping ended the winner's race run here
+    stopped_epochs: int | None = None  # ... after this many epochs
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -99,6 +106,8 @@ class Decision:
             seconds=float(d.get("seconds", 0.0)),
             reason=str(d.get("reason", "")),
             source=source,
+            stopped_steps=None if d.get("stopped_steps") is None else int(d["stopped_steps"]),
+            stopped_epochs=None if d.get("stopped_epochs") is None else int(d["stopped_epochs"]),
         )
 
 
@@ -159,8 +168,8 @@ def pick(
 
 
 #: A candidate's short run: ``(blocks, steps, round) -> (score, validation images, seconds,
-#: per-image correctness or None)``.
-Runner = Callable[[int, int, int], tuple[float, int, float, Any]]
+#: per-image correctness or None[, steps it trained: fewer when early stopping ended it])``.
+Runner = Callable[[int, int, int], tuple[Any, ...]]
 
 
 def round_steps(budget_steps: int, fractions: Sequence[float], min_steps: int) -> list[int]:
@@ -194,12 +203,14 @@ def halving(
     eta: int = 2,
     min_steps: int = 10,
     z: float = 1.0,
+    snap: Callable[[int], int] | None = None,
 ) -> tuple[int, list[Trial], str]:
     """Successive halving over ``candidates`` (block counts).
 
     Round ``r`` trains each remaining candidate ``fractions[r]`` of ``budget_steps`` (see
-    :func:`round_steps`) through ``run``; the best ``ceil(n / eta)`` go on to the next.
-    The choice is :func:`pick` over the last round's trials.
+    :func:`round_steps`; ``snap`` moves each round's end to where the run validates)
+    through ``run``; the best ``ceil(n / eta)`` go on to the next. The choice is
+    :func:`pick` over the last round's trials.
 
     Returns:
         the chosen block count, every trial, and the reason.
@@ -207,6 +218,13 @@ def halving(
     if eta < 2:
         raise ConfigError(f"finetune.race.eta={eta!r}: keep the best 1/eta, with eta >= 2.")
     plan = round_steps(budget_steps, fractions, min_steps)
+    if snap is not None:
+        snapped: list[int] = []
+        for steps in plan:  # still growing: a round that snaps onto the last one is dropped
+            steps = min(budget_steps, snap(steps))
+            if not snapped or steps > snapped[-1]:
+                snapped.append(steps)
+        plan = snapped
     alive = list(candidates)
     trials: list[Trial] = []
     last: list[Trial] = []
@@ -214,8 +232,9 @@ def halving(
     for r, steps in enumerate(plan):
         last = []
         for blocks in alive:
-            score, val_size, seconds, correct = run(blocks, steps, r)
-            last.append(Trial(blocks, steps, float(score), int(val_size), float(seconds), r))
+            score, val_size, seconds, correct, *trained = run(blocks, steps, r)
+            steps_done = int(trained[0]) if trained else steps
+            last.append(Trial(blocks, steps_done, float(score), int(val_size), float(seconds), r))
             if correct is not None:
                 paired[(blocks, r)] = correct
         trials += last
@@ -229,12 +248,21 @@ def halving(
 
 
 class ValRecorder(Callback):
-    """A Lightning callback that keeps, for the last validation, whether each validation
-    image was classified right (the race's paired comparison). Multi-class only."""
+    """A Lightning callback that keeps, for the best validation so far (the most images
+    right; the first of equals, as the best checkpoint is), whether each validation image
+    was classified right: the race's paired comparison. Its state goes into the checkpoint,
+    so a round that goes on from the previous one keeps it. Multi-class only."""
 
     def __init__(self) -> None:
         self.correct: list[bool] | None = None
         self._parts: list[Any] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"correct": self.correct} if self.correct is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        correct = state_dict.get("correct")
+        self.correct = [bool(x) for x in correct] if correct is not None else None
 
     def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         if not trainer.sanity_checking:
@@ -245,7 +273,9 @@ class ValRecorder(Callback):
         if getattr(pl_module, "_val_record", None) is self._parts and self._parts:
             import torch
 
-            self.correct = torch.cat(self._parts).tolist()
+            latest = torch.cat(self._parts).tolist()
+            if self.correct is None or sum(latest) > sum(self.correct):
+                self.correct = latest
         pl_module._val_record = None
 
 
@@ -282,13 +312,15 @@ def from_checkpoint(path: str) -> Decision | None:
 
 def candidate_config(cfg: Any, blocks: int, steps: int, epochs: int, out_dir: Path,
                      batches: int | None = None, resume: Path | None = None,
-                     rule: Mapping[str, Any] | None = None) -> Any:  # fmt: skip
+                     rule: Mapping[str, Any] | None = None,
+                     val_every: int | None = None) -> Any:  # fmt: skip
     """The config of one candidate's short run: ``finetune=partial`` at ``blocks`` for
     ``steps`` steps (``epochs`` epochs; ``batches``: the batches of a run shorter than an
-    epoch) with the run's own recipe, on one device, validated once at its end, without
-    testing, logging or a report; ``resume``: the checkpoint of its previous round;
-    ``rule``: the table's row the data matched, whose settings (``bn_mode``, ``layer_decay``,
-    ...) the final run keeps too."""
+    epoch) with the run's own recipe, on one device, without testing, logging or a report;
+    validated every ``val_every`` epochs, as the whole run at that depth would be (so its
+    early stopping and best checkpoint are that run's), else once at its end; ``resume``:
+    the checkpoint of its previous round; ``rule``: the table's row the data matched, whose
+    settings (``bn_mode``, ``layer_decay``, ...) the final run keeps too."""
     from omegaconf import OmegaConf, open_dict
 
     c = copy.deepcopy(cfg)
@@ -303,7 +335,8 @@ def candidate_config(cfg: Any, blocks: int, steps: int, epochs: int, out_dir: Pa
             {**kept, "regime": "partial", "trainable_blocks": blocks, "steps": steps}
         )
         c.trainer.max_epochs = None
-        c.trainer.check_val_every_n_epoch = epochs  # scored once, on the last weights
+        # the whole run's validations (its rounds end on one), or once, on the last weights
+        c.trainer.check_val_every_n_epoch = val_every if val_every and batches is None else epochs
         c.trainer.num_sanity_val_steps = 0
         c.trainer.enable_progress_bar = False
         if int(c.trainer.get("num_nodes") or 1) > 1 or str(c.trainer.get("devices")) not in (
@@ -356,18 +389,27 @@ def adopt(last: Path, into: Path, checkpoints: Path) -> None:
             return [swap(x) for x in v]
         return v
 
-    callbacks = ckpt.get("callbacks") or {}
-    for key, state in list(callbacks.items()):
+    def moved(ckpt: dict[str, Any]) -> bytes:
+        """``ckpt`` with its checkpoint callbacks' folders the run's own (testing from a
+        checkpoint restores them too, and Lightning warns of a folder that changed)."""
+        callbacks = ckpt.get("callbacks") or {}
+        for key, state in list(callbacks.items()):
+            if str(key).startswith("ModelCheckpoint") and isinstance(state, dict):
+                callbacks[key] = swap(state)
+        callbacks.pop(ValRecorder.__qualname__, None)  # the race's own; the run has none
+        buf = io.BytesIO()
+        torch.save(ckpt, buf)
+        return buf.getvalue()
+
+    for key, state in list((ckpt.get("callbacks") or {}).items()):
         if str(key).startswith("ModelCheckpoint") and isinstance(state, dict):
-            callbacks[key] = swap(state)
             best = Path(str(state.get("best_model_path") or ""))
             mine = os.path.realpath(best.parent) == os.path.realpath(last.parent)
             if best.name and mine and best.is_file() and best.name != last.name:
                 checkpoints.mkdir(parents=True, exist_ok=True)
-                atomic_write_bytes(checkpoints / best.name, best.read_bytes())
-    buf = io.BytesIO()
-    torch.save(ckpt, buf)
-    atomic_write_bytes(into, buf.getvalue())
+                kept = torch.load(best, map_location="cpu", weights_only=True)
+                atomic_write_bytes(checkpoints / best.name, moved(kept))
+    atomic_write_bytes(into, moved(ckpt))
 
 
 def continuable(cfg: Any, world_size: int) -> bool:
@@ -403,10 +445,36 @@ def race(cfg: Any, total_blocks: int, prior_blocks: int, budget_steps: int,
     keep = bool(settings.get("keep_runs", False))
     go_on = continuable(cfg, world_size) and bool(settings.get("continue", True))
     whole: dict[int, Path] = {}  # blocks → the last.ckpt of its last whole-epoch run
+    # blocks → (score, validation images, correctness, steps, epochs) of a run early
+    # stopping ended
+    finished: dict[int, tuple[float, int, Any, int, int]] = {}
     per_epoch = steps_per_epoch or 0
     accumulate = int(cfg.trainer.get("accumulate_grad_batches") or 1)
+    # Going on, a candidate validates when the whole run at its depth would, and each round
+    # ends on such a validation: its early stopping and best checkpoint are that run's, so
+    # the winner's final run is the fixed run (and stops where it would).
+    val_every = None
+    if go_on and per_epoch:
+        from transferkit.finetune import validation_interval
 
-    def run(blocks: int, steps: int, rnd: int) -> tuple[float, int, float, Any]:
+        user_every = cfg.trainer.get("check_val_every_n_epoch")
+        budget_epochs = epochs_of(budget_steps)
+        val_every = int(user_every or validation_interval(budget_epochs))
+        if budget_epochs % val_every:  # the run's last epoch is not validated: rounds are
+            val_every = None  # scored once, at their end (the final run then differs)
+    min_steps = int(settings.get("min_steps", 10))
+
+    def snap(steps: int) -> int:  # the whole run's validation nearest the round's end
+        if not val_every or steps < per_epoch:
+            return steps
+        every = val_every * per_epoch
+        snapped = max(1, math.floor(epochs_of(steps) / val_every + 0.5)) * every
+        return snapped if snapped >= min_steps else math.ceil(min_steps / every) * every
+
+    def run(blocks: int, steps: int, rnd: int) -> tuple[Any, ...]:
+        if blocks in finished:  # early stopping ended it: its result stands, at no cost
+            score, val_size, correct, done, _ = finished[blocks]
+            return score, val_size, 0.0, correct, done
         out = root / f"blocks{blocks}"
         short = steps < per_epoch
         resume = whole.pop(blocks, None) if go_on and not short else None
@@ -414,7 +482,7 @@ def race(cfg: Any, total_blocks: int, prior_blocks: int, budget_steps: int,
             shutil.rmtree(out, ignore_errors=True)
         c = candidate_config(cfg, blocks, steps, epochs_of(steps), out,
                              batches=steps * accumulate if short else None,
-                             resume=resume, rule=rule)  # fmt: skip
+                             resume=resume, rule=rule, val_every=val_every)  # fmt: skip
         start = time.perf_counter()
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # one summary, the run's own
@@ -424,16 +492,28 @@ def race(cfg: Any, total_blocks: int, prior_blocks: int, budget_steps: int,
             )
             correct = recorder.correct if recorder is not None else None
             logged = objects["trainer"].callback_metrics.get(cfg.monitor)
+            stopped = any(
+                isinstance(cb, EarlyStopping)
+                and cb.stopping_reason != EarlyStoppingReason.NOT_STOPPED
+                for cb in objects["trainer"].callbacks
+            )
+            trained = int(objects["trainer"].global_step)
+            epochs_done = int(objects["trainer"].current_epoch)
             del objects
         finally:
             if datamodule is not None:  # the next run (and the final one) sets its own
                 datamodule.trainer = None
         seconds = time.perf_counter() - start
+        # the best validation so far: the weights the run would test if it ended here
         score = summary["objective"]["value"]
         if score is None and logged is not None:  # no checkpoint callback watches it
             score = float(logged)
         if cfg.monitor == "val/acc" and correct:
-            score = sum(correct) / len(correct)
+            recorded = sum(correct) / len(correct)
+            if score is None:
+                score = recorded
+            elif abs(recorded - float(score)) > 1e-6:
+                correct = None  # not the record of the best validation: no paired error
         if score is None:
             raise ConfigError(
                 "finetune=auto races candidate depths on the validation split, and this run "
@@ -449,12 +529,17 @@ def race(cfg: Any, total_blocks: int, prior_blocks: int, budget_steps: int,
         last = out / "checkpoints" / "last.ckpt"
         if go_on and not short and last.is_file():
             whole[blocks] = last
+            if stopped:
+                finished[blocks] = (float(score), int(summary["val_size"]), correct, trained,
+                                    epochs_done)  # fmt: skip
         elif not keep:
             shutil.rmtree(out, ignore_errors=True)
-        return float(score), int(summary["val_size"]), seconds, correct
+        return float(score), int(summary["val_size"]), seconds, correct, trained
 
     states = _collect_rng_states(include_cuda=True)
     start = time.perf_counter()
+    stopped_steps: int | None = None
+    stopped_epochs: int | None = None
     try:
         blocks, trials, why = halving(
             candidates,
@@ -462,14 +547,17 @@ def race(cfg: Any, total_blocks: int, prior_blocks: int, budget_steps: int,
             budget_steps,
             fractions=[float(f) for f in settings.get("fractions", (0.125, 0.5))],
             eta=int(settings.get("eta", 2)),
-            min_steps=int(settings.get("min_steps", 10)),
+            min_steps=min_steps,
             # a loss is no proportion: no binomial error, the best wins
             z=float(settings.get("z", 1.0)) if cfg.mode == "max" else 0.0,
+            snap=snap,
         )
         resume_from = None
         if blocks in whole:  # the winner goes on from its last round
             resume_from = root / "continue.ckpt"
             adopt(whole[blocks], resume_from, Path(cfg.paths.output_dir) / "checkpoints")
+            if blocks in finished:  # early stopping ended it: nothing more to train
+                stopped_steps, stopped_epochs = finished[blocks][3:]
     finally:
         _set_rng_states(states)
         if not keep:
@@ -478,10 +566,13 @@ def race(cfg: Any, total_blocks: int, prior_blocks: int, budget_steps: int,
     seconds = time.perf_counter() - start
     reason = f"measured: {why} after racing {candidates} blocks ({seconds:.0f} s)"
     done = max(t.steps for t in trials if t.blocks == blocks)
-    if resume_from is not None:
+    if stopped_steps is not None:
+        reason += f"; early stopping ended it after {stopped_steps} steps of the race"
+    elif resume_from is not None:
         reason += f"; it goes on from its {done} steps of the race"
     return Decision(blocks, prior_blocks, tuple(trials), round(seconds, 2), reason,
-                    resume_from=str(resume_from) if resume_from else None)  # fmt: skip
+                    resume_from=str(resume_from) if resume_from else None,
+                    stopped_steps=stopped_steps, stopped_epochs=stopped_epochs)  # fmt: skip
 
 
 def table_only(prior_blocks: int, why: str) -> Decision:

@@ -239,6 +239,10 @@ def build(cfg: DictConfig, datamodule: Any = None) -> dict[str, Any]:
     log.info("budget: %s", budget_text(b))
     trainer.fit_loop.max_epochs = b["epochs"]
     trainer.check_val_every_n_epoch = user_every or validation_interval(b["epochs"])
+    stopped = (plan.measured or {}).get("stopped_epochs") if resume_from else None
+    if stopped:  # finetune=auto: early stopping ended the winner's race run, as the fixed
+        # run would have ended: going on trains nothing more (Lightning does not keep the stop)
+        trainer.fit_loop.max_epochs = min(b["epochs"], int(stopped))
     late = [e for e, _ in plan.schedule if e >= trainer.max_epochs]
     if late and plan.trigger == "epochs":
         log.warning(
