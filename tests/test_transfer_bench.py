@@ -30,6 +30,20 @@ def test_regret_is_points_below_the_best_fixed_depth_of_the_cell_over_the_seeds(
     assert cell["methods"]["auto"]["time_over_best"] == pytest.approx(1.5)
     assert "fastai" not in s["methods"]  # a failed run is no result
     assert s["methods"]["auto"]["worst_regret"] == pytest.approx(0.5)
+    assert "by_model" not in s  # one backbone: the grid's summary says it all
+
+
+def test_the_summary_holds_for_each_backbone_on_its_own():
+    recs = [{"cell": f"glyphs/10/{model}", "method": method, "seed": 1, "test_acc": acc,
+             "seconds": 10.0, "blocks": 1}
+            for model, accs in (("a@64", {"depth=0": 0.9, "auto": 0.9}),
+                                ("b@64", {"depth=0": 0.8, "auto": 0.7}))
+            for method, acc in accs.items()]  # fmt: skip
+    s = tb.summarize(recs, ["depth=0", "auto"])
+    assert s["methods"]["auto"]["mean_regret"] == pytest.approx(5.0)
+    assert s["by_model"]["a@64"]["auto"]["worst_regret"] == pytest.approx(0.0)
+    assert s["by_model"]["b@64"]["auto"]["worst_regret"] == pytest.approx(10.0)
+    assert s["by_model"]["b@64"]["auto"]["cells"] == 1
 
 
 def test_the_fastai_recipe_is_one_frozen_epoch_then_discriminative_lrs(make_cfg):
@@ -45,7 +59,7 @@ def test_the_fastai_recipe_is_one_frozen_epoch_then_discriminative_lrs(make_cfg)
     assert plan.layer_decay**17 == pytest.approx(0.01, rel=1e-3)  # the lowest block: lr/100
 
 
-def test_a_tiny_grid_runs_reports_and_resumes(tmp_path: Path, capsys):
+def test_a_tiny_grid_runs_reports_and_resumes(tmp_path: Path, capsys, recwarn):
     dev = tmp_path / "dev"
     for split, n in (("train", 12), ("val", 6), ("test", 6)):
         write_images(dev / "textures" / split, ["a", "b", "c"], per_class=n, seed=len(split))
@@ -56,6 +70,8 @@ def test_a_tiny_grid_runs_reports_and_resumes(tmp_path: Path, capsys):
             "model.weights=none", "trainer.accelerator=cpu", "data.batch_size=8",
             "finetune.steps=4"]  # fmt: skip
     assert tb.main(argv) == 0
+    noise = ("LeafSpec", "module(s) in eval mode")  # dropped, as the CLI drops them
+    assert not [w for w in recwarn if any(n in str(w.message) for n in noise)]
     text = report.read_text()
     assert "textures/4/test_efficientnet@32" in text and "mean regret" in text
     assert (report.parent / "figures" / "tb.png").is_file()
@@ -66,6 +82,15 @@ def test_a_tiny_grid_runs_reports_and_resumes(tmp_path: Path, capsys):
     capsys.readouterr()
     assert tb.main(argv) == 0  # finished runs are reused, not trained again
     assert capsys.readouterr().out.count("reused") == 3
+    # a grid so far: the finished runs reported, the others left out, nothing trained
+    at = argv.index("table") + 1
+    so_far = [*argv[:at], "depth=1/2", "--finished-only", *argv[at:]]
+    assert tb.main(so_far) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("reused") == 3 and printed.count("not run yet") == 1
+    assert (report.parent / "tables" / "tb.csv").read_text().count("\n") == 4
+    assert "1 of the grid's 4 runs are not made yet" in report.read_text()
+    assert not (out / "runs" / "textures_4_test_efficientnet@32" / "depth=1_2-seed1").exists()
 
 
 def test_a_missing_dev_set_names_the_command_that_builds_it(tmp_path: Path, capsys):

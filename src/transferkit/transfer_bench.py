@@ -119,8 +119,10 @@ def run_dir(out: Path, cell: Cell, method: str, seed: int) -> Path:
 
 
 def bench(cells: list[Cell], methods: list[str], seeds: list[int], out: Path, dev_root: Path,
-          user: list[str], rerun: bool) -> list[dict[str, Any]]:  # fmt: skip
-    """Run (or reuse) every run; one record per run."""
+          user: list[str], rerun: bool,
+          finished_only: bool = False) -> list[dict[str, Any]]:  # fmt: skip
+    """Run (or reuse) every run; one record per run (``finished_only``: reuse only, and
+    leave out the runs not made yet)."""
     from transferkit.experiments.driver import run_one
 
     blocks = {c.backbone: num_blocks(c.backbone) for c in cells}
@@ -138,7 +140,11 @@ def bench(cells: list[Cell], methods: list[str], seeds: list[int], out: Path, de
                     "trainer.enable_progress_bar=false", *user,
                 ]  # fmt: skip
                 print(f"[{i}/{total}] {cell.name} {method} seed {seed}", flush=True)
-                r = run_one(overrides, run_dir(out, cell, method, seed), rerun, False)
+                r = run_one(overrides, run_dir(out, cell, method, seed), rerun, False,
+                            reuse_only=finished_only)  # fmt: skip
+                if r.get("missing"):
+                    print("    not run yet: left out", flush=True)
+                    continue
                 rec: dict[str, Any] = {"cell": cell.name, "method": method, "seed": seed,
                                        "seconds": r.get("seconds")}  # fmt: skip
                 if "summary" in r:
@@ -190,13 +196,22 @@ def summarize(records: list[dict[str, Any]], methods: list[str]) -> dict[str, An
                 "time_over_best": statistics.fmean(v["sec"]) / best_sec,
             }
         out["cells"][name] = row
+    out["methods"] = aggregate(list(out["cells"].values()), methods)
+    models = sorted({name.rsplit("/", 1)[-1] for name in out["cells"]})
+    if len(models) > 1:  # does it hold for each backbone and resolution on its own?
+        by_model = {m: [c for n, c in out["cells"].items() if n.endswith("/" + m)] for m in models}
+        out["by_model"] = {m: aggregate(cells_of, methods) for m, cells_of in by_model.items()}
+    return out
+
+
+def aggregate(cells: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
+    """Each method's mean and worst regret and time over ``cells`` (rows of :func:`summarize`)."""
+    out: dict[str, Any] = {}
     for k in methods:
-        regrets = [c["methods"][k]["regret"] for c in out["cells"].values() if k in c["methods"]]
-        times = [
-            c["methods"][k]["time_over_best"] for c in out["cells"].values() if k in c["methods"]
-        ]
+        regrets = [c["methods"][k]["regret"] for c in cells if k in c["methods"]]
+        times = [c["methods"][k]["time_over_best"] for c in cells if k in c["methods"]]
         if regrets:
-            out["methods"][k] = {
+            out[k] = {
                 "mean_regret": statistics.fmean(regrets), "worst_regret": max(regrets),
                 "mean_time_over_best": statistics.fmean(times), "worst_time_over_best": max(times),
                 "cells": len(regrets),
@@ -209,7 +224,7 @@ def _f(v: Any, fmt: str = ".3f") -> str:
 
 
 def write_report(summary: dict[str, Any], records: list[dict[str, Any]], methods: list[str],
-                 path: Path, command: str, machine: str) -> Path:  # fmt: skip
+                 path: Path, command: str, machine: str, left_out: int = 0) -> Path:  # fmt: skip
     fig_dir = path.parent / "figures"
     stem = path.stem
     header = ["cell", "best fixed", *methods]
@@ -230,9 +245,13 @@ def write_report(summary: dict[str, Any], records: list[dict[str, Any]], methods
     main = table(header, rows)
     agg_header = ["method", "cells", "mean regret (points)", "worst regret",
                   "mean time / best fixed", "worst time / best fixed"]  # fmt: skip
-    agg = [[k, v["cells"], f"{v['mean_regret']:.2f}", f"{v['worst_regret']:.2f}",
-            f"{v['mean_time_over_best']:.2f}", f"{v['worst_time_over_best']:.2f}"]
-           for k, v in summary["methods"].items()]  # fmt: skip
+
+    def agg(by_method: dict[str, Any]) -> str:
+        return table(agg_header, [
+            [k, v["cells"], f"{v['mean_regret']:.2f}", f"{v['worst_regret']:.2f}",
+             f"{v['mean_time_over_best']:.2f}", f"{v['worst_time_over_best']:.2f}"]
+            for k, v in by_method.items()])  # fmt: skip
+
     save_csv(path.parent / "tables" / f"{stem}.csv",
              ["cell", "method", "seed", "test_acc", "blocks", "total_blocks", "seconds",
               "decision_seconds"],
@@ -242,6 +261,15 @@ def write_report(summary: dict[str, Any], records: list[dict[str, Any]], methods
     plot(summary, methods, fig_dir / f"{stem}.png")
     failed = [r for r in records if r.get("error")]
     seeds = sorted({r["seed"] for r in records})
+    partial = (
+        [
+            f"**{left_out} of the grid's {left_out + len(records)} runs are not made yet and are "
+            "left out** (`--finished-only`); a cell without every fixed depth measures regret "
+            "against the depths it has.\n"
+        ]
+        if left_out
+        else []
+    )
     text = [
         "# transfer-bench: how deep to fine-tune, chosen per data set\n",
         f"Written by `{command}` on {machine}. Seeds: {seeds}. Each cell is data set / images "
@@ -251,11 +279,16 @@ def write_report(summary: dict[str, Any], records: list[dict[str, Any]], methods
         "¼, ½ and all blocks at the budget the data size gives every regime. Test sets: "
         "textures 1,600 and glyphs 2,600 images; Animal-MNIST's test split. A difference of "
         "a point is within noise with one seed, and often with three.\n",
+        *partial,
         main,
         "\n## Over the grid\n",
-        table(agg_header, agg),
+        agg(summary["methods"]),
         "\nTime is the wall time of the whole run (data, decision, training, test) over the "
         "best fixed depth's, per cell, averaged over seeds.\n",
+    ]
+    for model, by_method in (summary.get("by_model") or {}).items():
+        text += [f"\n### {model} only\n", agg(by_method)]
+    text += [
         f"\n![regret per cell](figures/{stem}.png)\n",
     ]
     if failed:
@@ -311,7 +344,13 @@ def main(argv: list[str] | None = None) -> int:
                    "<out>/transfer-bench.md with --quick or a grid of your own")  # fmt: skip
     p.add_argument("--dev-root", type=Path, default=Path("data/dev"), help="make data-dev's folder")
     p.add_argument("--rerun", action="store_true", help="ignore the results of earlier runs")
+    p.add_argument("--finished-only", action="store_true",
+                   help="run nothing: report the runs of the grid that finished")  # fmt: skip
     args = p.parse_args(argv)
+    if args.finished_only and args.rerun:
+        print("error: --finished-only reports earlier runs and --rerun ignores them: give one.",
+              file=sys.stderr)  # fmt: skip
+        return 2
     grid = dict(QUICK if args.quick else GRID)
     custom = False
     for key in ("data", "sizes", "models", "seeds"):
@@ -320,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     methods = args.methods or METHODS
     out = args.out or Path("transfer-bench/quick" if args.quick else "transfer-bench")
     report = args.report or (out / "transfer-bench.md" if args.quick or custom
-                             else Path("docs/transfer-bench.md"))  # fmt: skip
+                             or args.finished_only else Path("docs/transfer-bench.md"))  # fmt: skip
     dev_root = args.dev_root.resolve()
     from transferkit.data.dev import is_current
 
@@ -345,7 +384,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    records = bench(cells, methods, grid["seeds"], out, dev_root, user, args.rerun)
+    from transferkit.console import quiet_third_party
+
+    quiet_third_party()  # the same four messages of our dependencies the CLI drops
+    records = bench(cells, methods, grid["seeds"], out, dev_root, user, args.rerun,
+                    args.finished_only)  # fmt: skip
     summary = summarize(records, methods)
     import platform
 
@@ -355,7 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m transferkit.transfer_bench " + " ".join(
         [*argv, *(["--", *user] if user else [])]
     )
-    path = write_report(summary, records, methods, report, command.strip(), machine)
+    planned = len(cells) * len(methods) * len(grid["seeds"])
+    path = write_report(summary, records, methods, report, command.strip(), machine,
+                        left_out=planned - len(records))  # fmt: skip
     from transferkit.io import write_json
 
     write_json(out / "transfer-bench.json", {"records": records, "summary": summary})

@@ -147,8 +147,10 @@ def earlier_result(overrides: list[str], config: str, run_dir: Path) -> Run | No
     return {"summary": summary, "seconds": float(record.get("seconds", 0.0)), "reused": True}
 
 
-def run_one(overrides: list[str], run_dir: Path, rerun: bool, keep_checkpoints: bool) -> Run:
-    """Fit one configuration (or reuse its earlier result); errors are returned, not raised."""
+def run_one(overrides: list[str], run_dir: Path, rerun: bool, keep_checkpoints: bool,
+            reuse_only: bool = False) -> Run:  # fmt: skip
+    """Fit one configuration (or reuse its earlier result); errors are returned, not raised.
+    ``reuse_only``: fit nothing; a configuration without an earlier result is ``missing``."""
     from transferkit.finetune import finetune
 
     cfg = _compose(overrides)
@@ -156,6 +158,8 @@ def run_one(overrides: list[str], run_dir: Path, rerun: bool, keep_checkpoints: 
     earlier = None if rerun else earlier_result(overrides, config, run_dir)
     if earlier is not None:
         return earlier
+    if reuse_only:
+        return {"missing": True}
     if run_dir.exists():
         shutil.rmtree(run_dir)
     cfg.paths.output_dir = str(run_dir)  # set after composing: the name holds '=' and ','
@@ -229,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    from transferkit.console import quiet_third_party
+
+    quiet_third_party()  # the same four messages of our dependencies the CLI drops
     results: dict[str, list[Run]] = {}
     seconds: dict[str, float] = {}
     for name, exp in EXPERIMENTS.items():
