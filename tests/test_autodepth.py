@@ -4,6 +4,7 @@ within noise of the best, and a run that composes with caching, resume and DDP."
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import warnings
@@ -205,6 +206,30 @@ def test_auto_races_then_trains_the_chosen_depth_as_the_fixed_run_would(make_cfg
     resumed, _ = finetune(resumed_cfg)
     assert resumed["plan"]["measured"]["source"] == "checkpoint"
     assert resumed["plan"]["trainable_blocks"] == chosen
+
+
+def test_auto_computes_each_candidates_prefix_once_and_ends_as_the_fixed_run(
+    folder, tmp_path, make_cfg, caplog
+):
+    common = ["augment=none", "finetune.cache_features=true", "trainer.max_epochs=null",
+              "finetune.steps=48"]  # fmt: skip
+    from transferkit.finetune import finetune
+
+    caplog.set_level(logging.INFO, logger="transferkit")
+    auto, _ = finetune(make_cfg(*tiny_overrides(folder, tmp_path / "auto", "finetune=auto",
+                                                *common)))  # fmt: skip
+    computed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("caching ")]
+    trials = auto["plan"]["measured"]["trials"]
+    assert len({t["round"] for t in trials}) == 2  # a second round, and a final run, went on
+    # train and val once per candidate depth, test once for the final run
+    assert len(computed) == 2 * len({t["blocks"] for t in trials}) + 1, computed
+    chosen = auto["plan"]["measured"]["blocks"]
+    depth = f"finetune.trainable_blocks={chosen}"
+    fixed_cfg = make_cfg(*tiny_overrides(folder, tmp_path / "fixed", "finetune=partial",
+                                         depth, *common))  # fmt: skip
+    fixed, _ = finetune(fixed_cfg)
+    for key in ("test_acc", "best_val_acc", "test_loss", "global_steps"):
+        assert auto[key] == fixed[key], key
 
 
 def test_a_winner_early_stopping_ended_in_the_race_is_the_fixed_run_and_trains_no_more(

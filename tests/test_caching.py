@@ -3,10 +3,13 @@ that ends with the same metrics as the uncached one."""
 
 from __future__ import annotations
 
+import logging
+
+import numpy as np
 import pytest
 import torch
 
-from transferkit.caching import Split, cache_decision, find_cut, flat_modules
+from transferkit.caching import Split, cache_decision, find_cut, flat_modules, keep
 from transferkit.finetune import finetune
 from transferkit.models import ImageClassifier
 from transferkit.models.finetuning import trainable_names
@@ -105,3 +108,65 @@ def test_cached_linear_probe_keeps_vit_dropout(image_folder, tmp_path, make_cfg)
     assert "head_drop (Dropout 0.3)" in results["auto"]["feature_cache"]
     for key in ("test_acc", "test_loss", "best_val_acc"):
         assert results["auto"][key] == results["false"][key], key
+
+
+def test_fingerprint_follows_the_prefix_and_only_the_prefix():
+    model = ImageClassifier("test_efficientnet", num_classes=3, image_size=32).eval()
+    model.set_plan(Plan("partial", model.num_blocks, 2))
+    split = Split(model.backbone, find_cut(model.backbone, trainable_names(model.blocks, 2)))
+    before = split.fingerprint()
+    assert split.fingerprint() == before
+    suffix_param = next(p for m in split._rest for p in m.parameters())
+    with torch.no_grad():
+        suffix_param.add_(1.0)  # what is trained after the cut does not change the cache
+    assert split.fingerprint() == before
+    prefix_param = next(p for m in split._prefix for p in m.parameters())
+    with torch.no_grad():
+        prefix_param.view(-1)[0] += 1e-3
+    assert split.fingerprint() != before
+    shorter = Split(model.backbone, len(split._prefix) - 1)
+    assert shorter.fingerprint() != split.fingerprint()
+
+
+def test_kept_features_stay_within_the_budget_oldest_dropped_first():
+    store: dict = {}
+    mb = torch.zeros(2**18)  # 1 MiB of float32
+    labels = torch.zeros(1, dtype=torch.long)
+    assert keep(store, ("train", "a"), mb, labels, budget_bytes=2.5 * 2**20)
+    assert keep(store, ("val", "a"), mb.clone(), labels, budget_bytes=2.5 * 2**20)
+    assert keep(store, ("train", "b"), mb.clone(), labels, budget_bytes=2.5 * 2**20)
+    assert list(store) == [("val", "a"), ("train", "b")]  # the oldest went
+    assert not keep(store, ("big", "c"), torch.zeros(2**20), labels, budget_bytes=2.5 * 2**20)
+    assert not keep(store, ("disk", "d"), np.zeros(4, np.float16), labels, budget_bytes=2**20)
+    assert list(store) == [("val", "a"), ("train", "b")]
+
+
+def test_a_later_run_on_the_same_data_reuses_the_prefix_features(image_folder, tmp_path,
+                                                                make_cfg, caplog):  # fmt: skip
+    """finetune=auto's rounds and final run share one DataModule: the frozen prefix's outputs
+    are computed once per depth, and a run that reuses them ends exactly as one that does not."""
+    from hydra.utils import instantiate
+
+    def cfg(name, blocks):
+        c = make_cfg(*tiny_overrides(
+            image_folder, tmp_path / name, "finetune=partial", "augment=none",
+            "finetune.cache_features=true", "model.head.dropout=0.0",
+        ))  # fmt: skip
+        c.finetune.trainable_blocks = blocks
+        return c
+
+    first, _ = finetune(cfg("fresh", 2))
+    dm = instantiate(cfg("shared", 2).data)
+    finetune(cfg("warm", 2), dm)
+    assert {name for name, _ in dm.prefix_features} == {"train", "val", "test"}
+    caplog.set_level(logging.INFO, logger="transferkit")
+    again, _ = finetune(cfg("shared", 2), dm)
+    reused = [r.getMessage() for r in caplog.records if "reused" in r.getMessage()]
+    computed = [r for r in caplog.records if r.getMessage().startswith("caching ")]
+    assert len(reused) == 3 and not computed
+    for key in ("test_acc", "best_val_acc", "test_loss"):
+        assert again[key] == first[key], key
+    caplog.clear()
+    finetune(cfg("deeper", 1), dm)  # another depth, another prefix: computed, then kept too
+    assert not [r for r in caplog.records if "reused" in r.getMessage()]
+    assert len(dm.prefix_features) == 6

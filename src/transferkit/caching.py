@@ -3,10 +3,18 @@
 Frozen blocks (with frozen BatchNorm) give the same output for the same input, so when the
 training transform is deterministic their work need not be redone every epoch: compute the
 frozen prefix once per image, then train the rest of the network on the cached outputs.
+
+The outputs are also kept on the image DataModule (``prefix_features``), keyed by split and a
+fingerprint of the prefix (its modules, parameters and buffers): a later run on the same
+DataModule with the same frozen prefix takes them instead of computing them again. That is
+``finetune=auto``: a candidate's next round and the winner's final run reuse its features.
+What is kept stays within ``finetune.cache_memory_gb`` (the oldest go first).
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import logging
 import os
 from collections.abc import Mapping
@@ -77,6 +85,18 @@ class Split(nn.Module):
         self._prefix = [m for _, m in modules[:cut]] if cut is not None else [backbone]
         self._rest = [m for _, m in modules[cut:]] if cut is not None else []
         self._backbone = [backbone]
+
+    def fingerprint(self) -> str:
+        """A digest of what the prefix computes: each module's structure, parameters and
+        buffers (same fingerprint, same outputs for the same inputs in eval mode)."""
+        h = hashlib.blake2b(digest_size=16)
+        for i, m in enumerate(self._prefix):
+            h.update(f"{i}:{m!r}".encode())
+            for name, t in itertools.chain(m.named_parameters(), m.named_buffers()):
+                t = t.detach().cpu().contiguous()
+                h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
 
     def prefix(self, x: torch.Tensor) -> torch.Tensor:
         for m in self._prefix:
@@ -243,6 +263,31 @@ def compute_features(
     return store, labels
 
 
+def keep(
+    store: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]],
+    key: tuple[str, str],
+    features: torch.Tensor | np.ndarray,
+    labels: torch.Tensor,
+    budget_bytes: float,
+) -> bool:
+    """Keep ``features`` in ``store`` for a later run, dropping the oldest entries to stay
+    within ``budget_bytes``; features on disk (a memory map) are not kept. Whether kept."""
+    if not isinstance(features, torch.Tensor):
+        return False
+    size = features.numel() * features.element_size()
+    if size > budget_bytes:
+        return False
+    store.pop(key, None)
+
+    def held() -> int:
+        return sum(f.numel() * f.element_size() for f, _ in store.values())
+
+    while store and size + held() > budget_bytes:
+        store.pop(next(iter(store)))
+    store[key] = (features, labels)
+    return True
+
+
 class FeatureDataset(Dataset):
     def __init__(self, features: torch.Tensor | np.ndarray, labels: torch.Tensor) -> None:
         self.features, self.labels = features, labels
@@ -266,12 +311,23 @@ class CachedFeatureDataModule(L.LightningDataModule):
         self.budget, self.disk_dir = budget_gb * 2**30, disk_dir
         self.datasets: dict[str, FeatureDataset] = {}
         self._device_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._fingerprint: str | None = None
 
     def _build(self, name: str) -> None:
         """Run the prefix over split ``name`` once, on the device the model is on by then.
         Each split is computed when first asked for: a run that does not test never
         computes the test split's features (the prefix is frozen, so later is the same)."""
         if name in self.datasets or not len(self.source.splits.get(name, ())):
+            return
+        store = getattr(self.source, "prefix_features", None)
+        if store is not None and self._fingerprint is None:  # the prefix is frozen: once
+            self._fingerprint = self.split.fingerprint()
+        key = (name, self._fingerprint or "") if store is not None else None
+        if store is not None and key in store:
+            feats, labels = store.pop(key)
+            store[key] = (feats, labels)  # the most recently used goes last
+            log.info("%s features of this frozen prefix reused from an earlier run", name)
+            self.datasets[name] = FeatureDataset(feats, labels)
             return
         was_training = [m.training for m in self.split._prefix]
         for m in self.split._prefix:
@@ -282,6 +338,8 @@ class CachedFeatureDataModule(L.LightningDataModule):
                 self.split, images, self.source.batch_size, self.budget, self.disk_dir, name
             )
             self.datasets[name] = FeatureDataset(feats, labels)
+            if store is not None and key is not None:
+                keep(store, key, feats, labels, self.budget)
         finally:
             for m, t in zip(self.split._prefix, was_training, strict=True):
                 m.train(t)

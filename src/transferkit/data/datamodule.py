@@ -212,6 +212,9 @@ class ImageDataModule(L.LightningDataModule):
         self._device_choice: tuple[bool, str] | None = None
         self._on_device: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._decoded: dict[tuple[str, bool], DecodedDataset] = {}
+        #: Frozen-prefix outputs of the splits, kept for the next run on this DataModule
+        #: (``finetune=auto``'s rounds and final run): see :mod:`transferkit.caching`.
+        self.prefix_features: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self.classes: list[str] = []
         self.splits: dict[str, Samples] = {}
         self.preprocessing: dict[str, Any] | None = None
@@ -316,6 +319,7 @@ class ImageDataModule(L.LightningDataModule):
             return
         self._decoded.clear()
         self._on_device.clear()
+        self.prefix_features.clear()
         self.preprocessing = wanted
 
     def image_dataset(self, split: str, train: bool) -> Dataset:
