@@ -87,7 +87,7 @@ def test_a_tiny_grid_runs_reports_and_resumes(tmp_path: Path, capsys, recwarn):
     so_far = [*argv[:at], "depth=1/2", "--finished-only", *argv[at:]]
     assert tb.main(so_far) == 0
     printed = capsys.readouterr().out
-    assert printed.count("reused") == 3 and printed.count("not run yet") == 1
+    assert printed.count("reused") == 3 and printed.count("no finished run") == 1
     assert (report.parent / "tables" / "tb.csv").read_text().count("\n") == 4
     assert "1 of the grid's 4 runs are not made yet" in report.read_text()
     assert not (out / "runs" / "textures_4_test_efficientnet@32" / "depth=1_2-seed1").exists()
@@ -96,6 +96,13 @@ def test_a_tiny_grid_runs_reports_and_resumes(tmp_path: Path, capsys, recwarn):
 def test_a_missing_dev_set_names_the_command_that_builds_it(tmp_path: Path, capsys):
     assert tb.main(["--data", "glyphs", "--dev-root", str(tmp_path)]) == 2
     assert "make data-dev" in capsys.readouterr().err
+
+
+def test_reporting_finished_runs_and_rerunning_them_are_refused_together(capsys):
+    """--finished-only reports earlier runs and --rerun ignores them: no run is made or
+    lost, and the message says to give one of the two."""
+    assert tb.main(["--quick", "--finished-only", "--rerun"]) == 2
+    assert "give one" in capsys.readouterr().err
 
 
 def test_an_old_or_broken_dev_set_is_not_benched(tmp_path: Path, capsys):

@@ -143,7 +143,7 @@ def bench(cells: list[Cell], methods: list[str], seeds: list[int], out: Path, de
                 r = run_one(overrides, run_dir(out, cell, method, seed), rerun, False,
                             reuse_only=finished_only)  # fmt: skip
                 if r.get("missing"):
-                    print("    not run yet: left out", flush=True)
+                    print("    no finished run: left out", flush=True)
                     continue
                 rec: dict[str, Any] = {"cell": cell.name, "method": method, "seed": seed,
                                        "seconds": r.get("seconds")}  # fmt: skip
