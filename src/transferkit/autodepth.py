@@ -19,7 +19,9 @@ finished (its result stands), and the final run of a finished winner trains noth
 The race composes with the rest of a run:
 
 - each candidate runs through :func:`transferkit.finetune.finetune`, so a shallow one
-  trains on its cached frozen prefix (``finetune.cache_features``) and costs little;
+  trains on its cached frozen prefix (``finetune.cache_features``) and costs little, and
+  the prefix is computed once per depth: the DataModule the runs share keeps it for the
+  candidate's next round and the final run (:mod:`transferkit.caching`);
 - the random state is restored after the race, so the final run is the fixed-depth run;
 - under DDP rank 0 races on its device before the processes start and hands the decision
   down in the environment (:data:`ENV`); processes that an outside launcher started
