@@ -88,14 +88,19 @@ class Split(nn.Module):
 
     def fingerprint(self) -> str:
         """A digest of what the prefix computes: each module's structure, parameters and
-        buffers (same fingerprint, same outputs for the same inputs in eval mode)."""
+        buffers, and how they are computed with (device, memory format, float32 matmul and
+        TF32 settings, which pick other kernels): same fingerprint, same outputs for the same
+        inputs in eval mode."""
         h = hashlib.blake2b(digest_size=16)
+        h.update(f"{torch.get_float32_matmul_precision()}:{torch.backends.cudnn.allow_tf32}:"
+                 f"{torch.backends.cuda.matmul.allow_tf32}".encode())  # fmt: skip
         for i, m in enumerate(self._prefix):
             h.update(f"{i}:{m!r}".encode())
             for name, t in itertools.chain(m.named_parameters(), m.named_buffers()):
-                t = t.detach().cpu().contiguous()
-                h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+                nhwc = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
+                h.update(f"{name}:{t.dtype}:{tuple(t.shape)}:{t.device}:{nhwc}".encode())
+                flat = t.detach().cpu().contiguous().reshape(-1)
+                h.update(flat.view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
 
     def prefix(self, x: torch.Tensor) -> torch.Tensor:
