@@ -216,8 +216,10 @@ def test_auto_computes_each_candidates_prefix_once_and_ends_as_the_fixed_run(
     from transferkit.finetune import finetune
 
     caplog.set_level(logging.INFO, logger="transferkit")
-    auto, _ = finetune(make_cfg(*tiny_overrides(folder, tmp_path / "auto", "finetune=auto",
-                                                *common)))  # fmt: skip
+    auto, objects = finetune(make_cfg(*tiny_overrides(folder, tmp_path / "auto", "finetune=auto",
+                                                      *common)))  # fmt: skip
+    # what the losing candidates computed is dropped: only the winner's prefix is kept
+    assert len({fp for _, fp in objects["datamodule"].prefix_features}) == 1
     computed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("caching ")]
     trials = auto["plan"]["measured"]["trials"]
     assert len({t["round"] for t in trials}) == 2  # a second round, and a final run, went on

@@ -452,6 +452,7 @@ def race(cfg: Any, total_blocks: int, prior_blocks: int, budget_steps: int,
     finished: dict[int, tuple[float, int, Any, int, int]] = {}
     per_epoch = steps_per_epoch or 0
     accumulate = int(cfg.trainer.get("accumulate_grad_batches") or 1)
+    prefixes: dict[int, str] = {}  # blocks → the fingerprint of its cached frozen prefix
     # Going on, a candidate validates when the whole run at its depth would, and each round
     # ends on such a validation: its early stopping and best checkpoint are that run's, so
     # the winner's final run is the fixed run (and stops where it would).
@@ -501,6 +502,9 @@ def race(cfg: Any, total_blocks: int, prior_blocks: int, budget_steps: int,
             )
             trained = int(objects["trainer"].global_step)
             epochs_done = int(objects["trainer"].current_epoch)
+            prefix = getattr(objects.get("fit_datamodule"), "prefix_key", None)
+            if prefix:
+                prefixes[blocks] = prefix
             del objects
         finally:
             if datamodule is not None:  # the next run (and the final one) sets its own
@@ -540,6 +544,7 @@ def race(cfg: Any, total_blocks: int, prior_blocks: int, budget_steps: int,
 
     states = _collect_rng_states(include_cuda=True)
     start = time.perf_counter()
+    winner: int | None = None
     stopped_steps: int | None = None
     stopped_epochs: int | None = None
     try:
@@ -554,6 +559,7 @@ def race(cfg: Any, total_blocks: int, prior_blocks: int, budget_steps: int,
             z=float(settings.get("z", 1.0)) if cfg.mode == "max" else 0.0,
             snap=snap,
         )
+        winner = blocks
         resume_from = None
         if blocks in whole:  # the winner goes on from its last round
             resume_from = root / "continue.ckpt"
@@ -562,6 +568,11 @@ def race(cfg: Any, total_blocks: int, prior_blocks: int, budget_steps: int,
                 stopped_steps, stopped_epochs = finished[blocks][3:]
     finally:
         _set_rng_states(states)
+        store = getattr(datamodule, "prefix_features", None)
+        if store is not None:  # the final run needs the winner's features, not the others'
+            kept = prefixes.get(winner) if winner is not None else None
+            for key in [k for k in store if k[1] != kept]:
+                del store[key]
         if not keep:
             for sub in root.glob("blocks*"):
                 shutil.rmtree(sub, ignore_errors=True)

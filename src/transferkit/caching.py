@@ -318,6 +318,11 @@ class CachedFeatureDataModule(L.LightningDataModule):
         self._device_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._fingerprint: str | None = None
 
+    @property
+    def prefix_key(self) -> str | None:
+        """The fingerprint its features are kept under (once the first split is built)."""
+        return self._fingerprint
+
     def _build(self, name: str) -> None:
         """Run the prefix over split ``name`` once, on the device the model is on by then.
         Each split is computed when first asked for: a run that does not test never
