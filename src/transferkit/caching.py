@@ -5,7 +5,8 @@ training transform is deterministic their work need not be redone every epoch: c
 frozen prefix once per image, then train the rest of the network on the cached outputs.
 
 The outputs are also kept on the image DataModule (``prefix_features``), keyed by split and a
-fingerprint of the prefix (its modules, parameters and buffers): a later run on the same
+fingerprint of the prefix (its modules, parameters and buffers, and the device, memory format
+and float32 settings they run with: :meth:`Split.fingerprint`): a later run on the same
 DataModule with the same frozen prefix takes them instead of computing them again. That is
 ``finetune=auto``: a candidate's next round and the winner's final run reuse its features.
 What is kept stays within ``finetune.cache_memory_gb`` (the oldest go first).
