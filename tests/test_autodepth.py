@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,35 @@ def test_pick_takes_the_cheapest_within_noise_and_the_best_beyond_it():
     assert chosen.blocks == 17 and "scored best" in why
     chosen, _ = pick([deep, shallow], z=0.0)  # z=0: the best, whatever it costs
     assert chosen is deep
+
+
+def test_the_same_race_at_other_speeds_chooses_the_same_depth():
+    """The cost ranks what is left to train, not the clock: measured seconds vary from run
+    to run, and with them the depth a seed got (Animal-MNIST 10, Lite1: ½, then ¼)."""
+    quarter = Trial(blocks=4, steps=80, score=0.80, val_size=50, seconds=12.8, round=1)
+    half = Trial(blocks=8, steps=60, score=0.82, val_size=50, seconds=12.9, round=1,
+                 finished=True)  # fmt: skip
+    slower = replace(half, seconds=12.7)
+    # early stopping ended ½: nothing left to train, however long its round took
+    assert pick([quarter, half])[0].blocks == 8 and pick([quarter, slower])[0].blocks == 8
+    # neither finished: the fewer blocks, the cheaper the same remaining steps
+    unfinished = [replace(half, finished=False, seconds=s) for s in (1.0, 99.0)]
+    assert {pick([quarter, u])[0].blocks for u in unfinished} == {4}
+    _, why = pick([quarter, replace(half, finished=False)])
+    assert "cheaper to finish" in why and "80 steps" in why and "60 steps" in why
+    # equal scores: the cheaper is the best, and goes on to the next round
+    tie = replace(quarter, score=0.82)
+    assert pick([tie, slower], z=0.0)[0].blocks == 8
+
+    def race(clock):
+        def run(blocks, steps, rnd):
+            return {0: 0.60, 4: 0.80, 8: 0.80}[blocks], 50, clock[blocks], None, steps, False
+
+        return halving([0, 4, 8], run, budget_steps=160, eta=3, z=0.0)
+
+    fast8, fast4 = race({0: 1.0, 4: 9.0, 8: 2.0}), race({0: 1.0, 4: 2.0, 8: 9.0})
+    assert fast8[0] == fast4[0] == 4
+    assert [t.blocks for t in fast8[1] if t.round == 1] == [4]  # kept whatever the clock
 
 
 def test_pick_uses_the_paired_error_when_it_has_the_images():
@@ -173,7 +203,8 @@ def test_auto_races_then_trains_the_chosen_depth_as_the_fixed_run_would(make_cfg
     assert "measured" in summary["plan"]["reason"]
     assert not list((tmp_path / "auto" / "auto").glob("*"))  # the candidates' folders are gone
     report = (tmp_path / "auto" / "report.md").read_text()
-    assert "How the depth was chosen" in report and (tmp_path / "auto" / "auto_race.png").is_file()
+    assert "How the depth was chosen" in report and "ended by early stopping" in report
+    assert (tmp_path / "auto" / "auto_race.png").is_file()
 
     assert "goes on from its 24 steps of the race" in measured["reason"]
     assert not (tmp_path / "auto" / "auto" / "continue.ckpt").exists()
@@ -257,6 +288,7 @@ def test_a_winner_early_stopping_ended_in_the_race_is_the_fixed_run_and_trains_n
     assert "early stopping ended it" in measured["reason"]
     assert all(t["steps"] == 6 for t in measured["trials"])  # round 2 had nothing to train
     assert all(t["seconds"] == 0 for t in measured["trials"] if t["round"] == 1)
+    assert all(t["finished"] for t in measured["trials"])  # evidence: nothing left to train
     chosen = measured["blocks"]
     fixed, _ = finetune(make_cfg(*tiny_overrides(
         folder, tmp_path / "fixed", "finetune=partial", f"finetune.trainable_blocks={chosen}",

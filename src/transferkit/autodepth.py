@@ -7,9 +7,11 @@ same recipe, ``fractions[0]`` of the budget, on the training split and is scored
 best validation so far (the weights its run would test if it ended there). Successive
 halving (Jamieson & Talwalkar 2016; Li et al. 2017, Hyperband) keeps the better ``1/eta``
 of them for a longer round (``fractions[1]``). Among the last round's candidates, the
-cheapest (measured seconds; nothing for one early stopping already ended) whose score is
-within ``z`` standard errors of the best is the choice: a deeper network must beat a
-cheaper one by more than the validation split can resolve. The error is the paired one
+cheapest to finish whose score is within ``z`` standard errors of the best is the choice: a
+deeper network must beat a cheaper one by more than the validation split can resolve. The
+cost is what is left to train, ranked without a clock so that a seed always gives the same
+depth: nothing for a candidate early stopping ended, else the same remaining steps at a
+cost per step that grows with the blocks trained (:func:`cost`). The error is the paired one
 (the candidates are scored on the same images, so only the images they disagree on count).
 The chosen depth then trains the full budget, going on from its race checkpoint when that
 is exact. Going on, a candidate validates when the whole run at its depth would, and each
@@ -71,6 +73,7 @@ class Trial:
     val_size: int
     seconds: float
     round: int
+    finished: bool = False  # early stopping ended its run: nothing is left to train
 
     @property
     def se(self) -> float:
@@ -148,29 +151,44 @@ def diff_se(best: Trial, other: Trial, paired: Mapping[tuple[int, int], Any] | N
     return math.hypot(best.se, other.se)
 
 
+def cost(t: Trial) -> tuple[bool, int]:
+    """The rank of what is left to train ``t``'s depth to the budget, cheapest first:
+    nothing once early stopping ended it; else, as the last round's candidates all trained
+    the same steps, the same remaining steps, each dearer the more blocks train (a shallow
+    candidate trains on its cached frozen prefix). Measured seconds are not used: they vary
+    from run to run, and the same seed must give the same depth."""
+    return (not t.finished, t.blocks)
+
+
+def _state(t: Trial) -> str:
+    return "finished" if t.finished else f"{t.steps} steps"
+
+
 def pick(
     trials: Sequence[Trial], z: float = 1.0, paired: Mapping[tuple[int, int], Any] | None = None
 ) -> tuple[Trial, str]:
-    """The cheapest trial whose score is within ``z`` standard errors (:func:`diff_se`) of
-    the best; among equal costs the fewer blocks. Returns it and the reason."""
+    """The cheapest trial (:func:`cost`) whose score is within ``z`` standard errors
+    (:func:`diff_se`) of the best; of equal scores the cheaper is the best. Returns it and
+    the reason."""
     if not trials:
         raise ValueError("pick() needs at least one trial")
-    best = max(trials, key=lambda t: (t.score, -t.seconds))
+    best = min(trials, key=lambda t: (-t.score, cost(t)))
     se = {id(t): diff_se(best, t, paired) for t in trials}
     close = [t for t in trials if best.score - t.score <= z * se[id(t)] + 1e-12]
-    chosen = min(close, key=lambda t: (t.seconds, t.blocks))
+    chosen = min(close, key=cost)
     if chosen is best:
         return chosen, f"{chosen.blocks} blocks scored best ({chosen.score:.3f})"
     kind = "paired " if paired and (chosen.blocks, chosen.round) in paired else ""
     return chosen, (
-        f"{chosen.blocks} blocks ({chosen.score:.3f}, {chosen.seconds:.0f} s) are within "
+        f"{chosen.blocks} blocks ({chosen.score:.3f}, {_state(chosen)}) are within "
         f"{z:g} {kind}standard error ({se[id(chosen)]:.3f}) of the best, {best.blocks} blocks "
-        f"({best.score:.3f}, {best.seconds:.0f} s), and cheaper"
+        f"({best.score:.3f}, {_state(best)}), and cheaper to finish"
     )
 
 
 #: A candidate's short run: ``(blocks, steps, round) -> (score, validation images, seconds,
-#: per-image correctness or None[, steps it trained: fewer when early stopping ended it])``.
+#: per-image correctness or None[, steps it trained: fewer when early stopping ended it[,
+#: whether early stopping ended it]])``.
 Runner = Callable[[int, int, int], tuple[Any, ...]]
 
 
@@ -234,16 +252,18 @@ def halving(
     for r, steps in enumerate(plan):
         last = []
         for blocks in alive:
-            score, val_size, seconds, correct, *trained = run(blocks, steps, r)
-            steps_done = int(trained[0]) if trained else steps
-            last.append(Trial(blocks, steps_done, float(score), int(val_size), float(seconds), r))
+            score, val_size, seconds, correct, *more = run(blocks, steps, r)
+            steps_done = int(more[0]) if more else steps
+            ended = bool(more[1]) if len(more) > 1 else False
+            last.append(Trial(blocks, steps_done, float(score), int(val_size), float(seconds), r,
+                              ended))  # fmt: skip
             if correct is not None:
                 paired[(blocks, r)] = correct
         trials += last
         if len(alive) <= 1 or r == len(plan) - 1:
             break
         keep = max(1, math.ceil(len(alive) / eta))
-        ranked = sorted(last, key=lambda t: (-t.score, t.seconds))
+        ranked = sorted(last, key=lambda t: (-t.score, cost(t)))
         alive = sorted(t.blocks for t in ranked[:keep])
     chosen, why = pick(last, z, paired)
     return chosen.blocks, trials, why
@@ -477,7 +497,7 @@ def race(cfg: Any, total_blocks: int, prior_blocks: int, budget_steps: int,
     def run(blocks: int, steps: int, rnd: int) -> tuple[Any, ...]:
         if blocks in finished:  # early stopping ended it: its result stands, at no cost
             score, val_size, correct, done, _ = finished[blocks]
-            return score, val_size, 0.0, correct, done
+            return score, val_size, 0.0, correct, done, True
         out = root / f"blocks{blocks}"
         short = steps < per_epoch
         resume = whole.pop(blocks, None) if go_on and not short else None
@@ -540,7 +560,7 @@ def race(cfg: Any, total_blocks: int, prior_blocks: int, budget_steps: int,
                                     epochs_done)  # fmt: skip
         elif not keep:
             shutil.rmtree(out, ignore_errors=True)
-        return float(score), int(summary["val_size"]), seconds, correct, trained
+        return float(score), int(summary["val_size"]), seconds, correct, trained, blocks in finished
 
     states = _collect_rng_states(include_cuda=True)
     start = time.perf_counter()
