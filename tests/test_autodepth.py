@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import Callback
 
 from tests.conftest import tiny_overrides, write_images
 from transferkit import autodepth
@@ -239,6 +240,37 @@ def test_auto_races_then_trains_the_chosen_depth_as_the_fixed_run_would(make_cfg
     assert resumed["plan"]["trainable_blocks"] == chosen
 
 
+class StopBeforeGoingOn(Callback):
+    """Stops the winner's final run before its first step, as a SIGTERM or a crash would."""
+
+    def on_train_start(self, trainer, pl_module):
+        if str(trainer.ckpt_path or "").endswith("continue.ckpt"):
+            raise RuntimeError("stopped before the first step")
+
+
+def test_a_final_run_stopped_before_its_first_step_keeps_the_race_to_resume_from(
+    make_cfg, folder, tmp_path
+):
+    """The winner's race state was deleted when its final run stopped before an epoch ended:
+    the race's work was lost, and there was no last.ckpt to resume from."""
+    from transferkit.finetune import finetune
+
+    common = ["trainer.max_epochs=null", "finetune.steps=48"]
+    stop = "+callbacks.stop._target_=tests.test_autodepth.StopBeforeGoingOn"
+    with pytest.raises(RuntimeError, match="before the first step"):
+        finetune(make_cfg(*tiny_overrides(folder, tmp_path / "auto", "finetune=auto", *common,
+                                          stop)))  # fmt: skip
+    last = tmp_path / "auto" / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=True)
+    assert saved["global_step"] == 24  # the winner's two rounds: 12 + 12 steps
+    chosen = saved["transferkit"]["plan"]["measured"]["blocks"]
+    assert not (tmp_path / "auto" / "auto" / "continue.ckpt").exists()
+    resumed, _ = finetune(make_cfg(*tiny_overrides(folder, tmp_path / "auto", "finetune=auto",
+                                                   *common, f"ckpt_path={last}")))  # fmt: skip
+    assert resumed["plan"]["measured"]["source"] == "checkpoint"  # no second race
+    assert resumed["trainable_blocks"] == chosen and resumed["global_steps"] == 48
+
+
 def test_auto_computes_each_candidates_prefix_once_and_ends_as_the_fixed_run(
     folder, tmp_path, make_cfg, caplog
 ):
@@ -295,10 +327,22 @@ def test_a_winner_early_stopping_ended_in_the_race_is_the_fixed_run_and_trains_n
         *common)))  # fmt: skip
     assert fixed["global_steps"] == 6 and auto["global_steps"] == 6
     assert auto["test_acc"] == pytest.approx(fixed["test_acc"])
-    ours = torch.load(tmp_path / "auto" / "checkpoints" / "best.ckpt", weights_only=True)
-    theirs = torch.load(tmp_path / "fixed" / "checkpoints" / "best.ckpt", weights_only=True)
-    for name, value in theirs["state_dict"].items():
-        torch.testing.assert_close(ours["state_dict"][name], value, msg=name)
+    for kind in ("best", "last"):  # the final run trained nothing: last.ckpt is the race's
+        ours = torch.load(tmp_path / "auto" / "checkpoints" / f"{kind}.ckpt", weights_only=True)
+        theirs = torch.load(tmp_path / "fixed" / "checkpoints" / f"{kind}.ckpt",
+                            weights_only=True)  # fmt: skip
+        assert (ours["epoch"], ours["global_step"]) == (theirs["epoch"], theirs["global_step"])
+        for name, value in theirs["state_dict"].items():
+            torch.testing.assert_close(ours["state_dict"][name], value, msg=name)
+    assert not (tmp_path / "auto" / "auto" / "continue.ckpt").exists()
+    # resuming from it takes its decision (not the race candidate's plan) and trains no more
+    last = tmp_path / "auto" / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=True)["transferkit"]["plan"]
+    assert saved["measured"]["blocks"] == chosen
+    resumed, _ = finetune(make_cfg(*tiny_overrides(folder, tmp_path / "auto", "finetune=auto",
+                                                   *common, f"ckpt_path={last}")))  # fmt: skip
+    assert resumed["plan"]["measured"]["source"] == "checkpoint"
+    assert resumed["trainable_blocks"] == chosen and resumed["global_steps"] == 6
 
 
 def test_the_paired_record_is_the_best_validations_and_survives_a_checkpoint():

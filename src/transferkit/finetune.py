@@ -239,9 +239,14 @@ def build(cfg: DictConfig, datamodule: Any = None) -> dict[str, Any]:
     log.info("budget: %s", budget_text(b))
     trainer.fit_loop.max_epochs = b["epochs"]
     trainer.check_val_every_n_epoch = user_every or validation_interval(b["epochs"])
-    stopped = (plan.measured or {}).get("stopped_epochs") if resume_from else None
-    if stopped:  # finetune=auto: early stopping ended the winner's race run, as the fixed
-        # run would have ended: going on trains nothing more (Lightning does not keep the stop)
+    measured = plan.measured or {}
+    # finetune=auto: early stopping ended the winner's race run, as the fixed run would have
+    # ended: going on (or resuming its last.ckpt) trains nothing more (Lightning does not keep
+    # the stop in a checkpoint)
+    stopped = measured.get("stopped_epochs")
+    if not (resume_from or measured.get("source") == "checkpoint"):
+        stopped = None
+    if stopped:
         trainer.fit_loop.max_epochs = min(b["epochs"], int(stopped))
     late = [e for e, _ in plan.schedule if e >= trainer.max_epochs]
     if late and plan.trigger == "epochs":
@@ -453,7 +458,7 @@ def finetune(cfg: DictConfig, datamodule: Any = None) -> tuple[dict[str, Any], d
             trainer.fit(model, datamodule=fit_dm, ckpt_path=cfg.get("ckpt_path") or go_on)
     finally:
         if go_on:
-            Path(go_on).unlink(missing_ok=True)
+            _settle_race_state(Path(go_on), trainer, model)
     # A SIGTERM that came after Lightning's last look at it (fit was ending): stop before
     # testing rather than run on, since test() starts with Lightning's flag cleared.
     preemption.check()
@@ -537,6 +542,37 @@ def finetune(cfg: DictConfig, datamodule: Any = None) -> tuple[dict[str, Any], d
     if cfg.get("report", True):
         write_run_report(cfg, summary, objects)
     return summary, objects
+
+
+def _settle_race_state(state: Path, trainer: L.Trainer, model: Any) -> None:
+    """After the final run of ``finetune=auto``'s winner, which went on from ``state`` (its
+    race checkpoint, adopted into this run). A winner early stopping had ended trains
+    nothing more, and a run stopped (SIGTERM, an error) before its first step, or before
+    the state was restored, trained nothing either. No epoch ended, so the run's ``last``
+    checkpoint (the state to resume from) was not written, or is a stale file of an earlier
+    run in the folder. ``state`` is the run's state then, its callbacks' folders already
+    this run's and its model's hyperparameters this run's too: with this run's plan, which
+    holds the decision a resume takes, it becomes that file. Then ``state`` is deleted."""
+    import io
+
+    from transferkit.io import atomic_write_bytes
+
+    lasts = dict.fromkeys(  # unmonitored checkpoints of one fixed name: the state at the end
+        Path(cb.dirpath) / f"{cb.filename}{cb.FILE_EXTENSION}"
+        for cb in trainer.checkpoint_callbacks
+        if isinstance(cb, ModelCheckpoint) and cb.monitor is None and cb.dirpath
+        and cb.filename and "{" not in cb.filename
+    )  # fmt: skip
+    if lasts and state.is_file() and trainer.is_global_zero:
+        ckpt = torch.load(state, map_location="cpu", weights_only=True)
+        # nothing trained past it (fewer steps: stopped before the state was even restored)
+        if trainer.global_step <= int(ckpt.get("global_step", -1)):
+            model.on_save_checkpoint(ckpt)  # the race candidate's plan → this run's
+            buf = io.BytesIO()
+            torch.save(ckpt, buf)
+            for path in lasts:
+                atomic_write_bytes(path, buf.getvalue())
+    state.unlink(missing_ok=True)
 
 
 @rank_zero_only

@@ -360,7 +360,8 @@ def race_section(measured: Mapping[str, Any] | None, png: str | None) -> list[st
             f"{float(measured.get('seconds') or 0):.0f} s.", ""]  # fmt: skip
     rows = [(t["round"] + 1, t["blocks"], t["steps"],
              f"{abs(t['score']):.4f} ± {binomial_se(abs(t['score']), t['val_size']):.4f}",
-             t["val_size"], f"{t['seconds']:.1f}", "yes" if t.get("finished") else "no")
+             t["val_size"], f"{t['seconds']:.1f}",
+             {True: "yes", False: "no"}.get(t.get("finished"), "—"))
             for t in measured.get("trials") or []]  # fmt: skip
     if rows:
         out += _table(("round", "trainable blocks", "steps", "validation score ± s.e.",
