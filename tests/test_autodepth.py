@@ -332,6 +332,7 @@ def test_a_winner_early_stopping_ended_in_the_race_is_the_fixed_run_and_trains_n
         theirs = torch.load(tmp_path / "fixed" / "checkpoints" / f"{kind}.ckpt",
                             weights_only=True)  # fmt: skip
         assert (ours["epoch"], ours["global_step"]) == (theirs["epoch"], theirs["global_step"])
+        assert ours["transferkit"]["plan"]["measured"]["blocks"] == chosen  # this run's plan
         for name, value in theirs["state_dict"].items():
             torch.testing.assert_close(ours["state_dict"][name], value, msg=name)
     assert not (tmp_path / "auto" / "auto" / "continue.ckpt").exists()

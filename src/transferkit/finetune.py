@@ -552,7 +552,8 @@ def _settle_race_state(state: Path, trainer: L.Trainer, model: Any) -> None:
     checkpoint (the state to resume from) was not written, or is a stale file of an earlier
     run in the folder. ``state`` is the run's state then, its callbacks' folders already
     this run's and its model's hyperparameters this run's too: with this run's plan, which
-    holds the decision a resume takes, it becomes that file. Then ``state`` is deleted."""
+    holds the decision a resume takes, it becomes that file. Then ``state`` is deleted. The
+    race's best checkpoint, if the run never bettered it, gets this run's plan too."""
     import io
 
     from transferkit.io import atomic_write_bytes
@@ -573,6 +574,25 @@ def _settle_race_state(state: Path, trainer: L.Trainer, model: Any) -> None:
             for path in lasts:
                 atomic_write_bytes(path, buf.getvalue())
     state.unlink(missing_ok=True)
+    # the race's best checkpoint, adopted into this run and not bettered: this run's plan too
+    for cb in trainer.checkpoint_callbacks:
+        best = Path(getattr(cb, "best_model_path", "") or "")
+        dirpath = getattr(cb, "dirpath", None)
+        if (
+            getattr(cb, "monitor", None) is None
+            or not best.name
+            or not best.is_file()
+            or not dirpath
+            or not os.path.isdir(dirpath)
+            or not os.path.samefile(best.parent, dirpath)
+        ):
+            continue
+        ckpt = torch.load(best, map_location="cpu", weights_only=True)
+        if not ((ckpt.get("transferkit") or {}).get("plan") or {}).get("measured"):
+            model.on_save_checkpoint(ckpt)
+            buf = io.BytesIO()
+            torch.save(ckpt, buf)
+            atomic_write_bytes(best, buf.getvalue())
 
 
 @rank_zero_only
