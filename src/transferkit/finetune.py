@@ -553,46 +553,39 @@ def _settle_race_state(state: Path, trainer: L.Trainer, model: Any) -> None:
     run in the folder. ``state`` is the run's state then, its callbacks' folders already
     this run's and its model's hyperparameters this run's too: with this run's plan, which
     holds the decision a resume takes, it becomes that file. Then ``state`` is deleted. The
-    race's best checkpoint, if the run never bettered it, gets this run's plan too."""
+    race's best checkpoint, if the run never bettered it, gets this run's plan too. (Only on
+    one device: the race goes on from its checkpoints only there.)"""
     import io
 
     from transferkit.io import atomic_write_bytes
 
+    def restamp(ckpt: dict[str, Any], *paths: Path) -> None:
+        model.on_save_checkpoint(ckpt)  # the race candidate's plan → this run's
+        buf = io.BytesIO()
+        torch.save(ckpt, buf)
+        for path in paths:
+            atomic_write_bytes(path, buf.getvalue())
+
+    mine = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
     lasts = dict.fromkeys(  # unmonitored checkpoints of one fixed name: the state at the end
         Path(cb.dirpath) / f"{cb.filename}{cb.FILE_EXTENSION}"
-        for cb in trainer.checkpoint_callbacks
-        if isinstance(cb, ModelCheckpoint) and cb.monitor is None and cb.dirpath
-        and cb.filename and "{" not in cb.filename
-    )  # fmt: skip
-    if lasts and state.is_file() and trainer.is_global_zero:
+        for cb in mine
+        if cb.monitor is None and cb.dirpath and cb.filename and "{" not in cb.filename
+    )
+    if lasts and state.is_file():
         ckpt = torch.load(state, map_location="cpu", weights_only=True)
         # nothing trained past it (fewer steps: stopped before the state was even restored)
         if trainer.global_step <= int(ckpt.get("global_step", -1)):
-            model.on_save_checkpoint(ckpt)  # the race candidate's plan → this run's
-            buf = io.BytesIO()
-            torch.save(ckpt, buf)
-            for path in lasts:
-                atomic_write_bytes(path, buf.getvalue())
+            restamp(ckpt, *lasts)
     state.unlink(missing_ok=True)
-    # the race's best checkpoint, adopted into this run and not bettered: this run's plan too
-    for cb in trainer.checkpoint_callbacks:
-        best = Path(getattr(cb, "best_model_path", "") or "")
-        dirpath = getattr(cb, "dirpath", None)
-        if (
-            getattr(cb, "monitor", None) is None
-            or not best.name
-            or not best.is_file()
-            or not dirpath
-            or not os.path.isdir(dirpath)
-            or not os.path.samefile(best.parent, dirpath)
-        ):
+    for cb in mine:  # the race's best checkpoint, adopted and never bettered: this run's plan
+        best = cb.best_model_path
+        if cb.monitor is None or not best or not os.path.isfile(best) or not cb.dirpath:
             continue
-        ckpt = torch.load(best, map_location="cpu", weights_only=True)
-        if not ((ckpt.get("transferkit") or {}).get("plan") or {}).get("measured"):
-            model.on_save_checkpoint(ckpt)
-            buf = io.BytesIO()
-            torch.save(ckpt, buf)
-            atomic_write_bytes(best, buf.getvalue())
+        if os.path.realpath(os.path.dirname(best)) == os.path.realpath(cb.dirpath):
+            ckpt = torch.load(best, map_location="cpu", weights_only=True)
+            if not ((ckpt.get("transferkit") or {}).get("plan") or {}).get("measured"):
+                restamp(ckpt, Path(best))
 
 
 @rank_zero_only
