@@ -79,3 +79,45 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     torch.manual_seed(2)
     cb.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_resuming_a_run_early_stopping_ended_trains_no_more(image_folder, tmp_path, make_cfg):
+    """Lightning keeps why early stopping ended a run in its checkpoint, but not the stop:
+    resumed from its last.ckpt, a run it had ended trained on to its next validation (and on
+    from there if that one improved). Resuming a finished run must not change its result."""
+    # no validation improves on the first: early stopping ends the run at the second
+    common = ["trainer.max_epochs=6", "trainer.check_val_every_n_epoch=1",
+              "callbacks.early_stopping.patience=1", "callbacks.early_stopping.min_delta=10",
+              "finetune=partial", "finetune.trainable_blocks=1"]  # fmt: skip
+    out = tmp_path / "run"
+    first, _ = finetune(make_cfg(*tiny_overrides(image_folder, out, *common)))
+    assert first["epochs"] == 2
+    last = out / "checkpoints" / "last.ckpt"
+    before = torch.load(last, weights_only=True)
+    resume = f"ckpt_path={last}"
+    resumed, _ = finetune(make_cfg(*tiny_overrides(image_folder, out, *common, resume)))
+    assert resumed["global_steps"] == first["global_steps"] == before["global_step"]
+    assert resumed["epochs"] == first["epochs"]
+    assert resumed["test_acc"] == pytest.approx(first["test_acc"], abs=1e-6)
+    after = torch.load(last, weights_only=True)
+    assert (after["epoch"], after["global_step"]) == (before["epoch"], before["global_step"])
+    # a longer budget does not undo the stop either: the patience it ran out is in the file
+    longer, _ = finetune(make_cfg(*tiny_overrides(image_folder, out, *common, resume,
+                                                  "trainer.max_epochs=12")))  # fmt: skip
+    assert longer["global_steps"] == first["global_steps"]
+
+
+def test_an_early_stop_is_read_from_checkpoints_of_any_lightning_version():
+    from transferkit.checkpoint_io import early_stopped_epochs
+
+    def ckpt(**state):
+        base = {"wait_count": 1, "stopped_epoch": 0, "best_score": torch.tensor(0.5), "patience": 3}
+        return {"callbacks": {"EarlyStopping{'monitor': 'val/loss'}": {**base, **state}}}
+
+    assert early_stopped_epochs(ckpt(stopping_reason=0)) is None  # not stopped
+    assert early_stopped_epochs(ckpt()) is None  # before Lightning 2.5: patience left
+    assert early_stopped_epochs(ckpt(wait_count=3, stopped_epoch=4)) == (
+        5, "no improvement in 3 validations")  # fmt: skip
+    stopped = ckpt(stopping_reason=1, stopped_epoch=2, stopping_reason_message="threshold.")
+    assert early_stopped_epochs(stopped) == (3, "threshold.")
+    assert early_stopped_epochs({"callbacks": {"ModelCheckpoint": {"best_model_path": ""}}}) is None

@@ -273,6 +273,27 @@ def check_resume(
     )
 
 
+def early_stopped_epochs(ckpt: dict[str, Any]) -> tuple[int, str] | None:
+    """``(epochs, why)`` when early stopping had ended the checkpoint's run, else None.
+
+    Lightning keeps the early-stopping callback's state (why it stopped, and at which epoch)
+    in the checkpoint but not the stop itself: resumed, such a run trains on to its next
+    validation, and on from there if that one improves. The caller caps the epochs here.
+    """
+    keys = {"wait_count", "stopped_epoch", "patience"}  # an EarlyStopping's, of any class
+    for state in (ckpt.get("callbacks") or {}).values():
+        if not (isinstance(state, dict) and keys <= set(state)):
+            continue
+        reason = state.get("stopping_reason")  # Lightning >= 2.5; before, patience only
+        ended = bool(reason) if reason is not None else 0 < state["patience"] <= state["wait_count"]
+        if ended:
+            why = state.get("stopping_reason_message") or (
+                f"no improvement in {state['wait_count']} validations"
+            )
+            return int(state["stopped_epoch"]) + 1, str(why)
+    return None
+
+
 def class_index_map(ckpt_classes: Sequence[str], data_classes: Sequence[str]) -> np.ndarray:
     """Data label → checkpoint label, for evaluating on a folder with a subset of the classes.
 

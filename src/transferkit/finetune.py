@@ -34,7 +34,7 @@ from transferkit.callbacks.compile_watch import CompileWatch
 from transferkit.callbacks.fit_diagnosis import FitDiagnosis
 from transferkit.callbacks.history import History
 from transferkit.callbacks.speed import TrainSpeed
-from transferkit.checkpoint_io import check_resume
+from transferkit.checkpoint_io import check_resume, early_stopped_epochs, read_checkpoint
 from transferkit.cli import CONFIG_DIR, run_cli
 from transferkit.data.balance import AUTO_RATIO, imbalance_ratio
 from transferkit.distributed import check_multirun, scaled_optimizer
@@ -426,6 +426,23 @@ def _instantiate_logger(name: str, node: DictConfig) -> Any:
         ) from e
 
 
+def _keep_early_stop(ckpt_path: str, trainer: Any) -> None:
+    """Resuming a run early stopping had ended trains nothing more: its result stays."""
+    stop = early_stopped_epochs(read_checkpoint(ckpt_path))
+    if stop is None:
+        return
+    epochs, why = stop
+    trainer.fit_loop.max_epochs = min(trainer.fit_loop.max_epochs, epochs)
+    log.info(
+        "early stopping ended this run after %d epochs (%s): resuming from %s trains no more "
+        "and tests its best checkpoint. To train longer, start a new run with more patience "
+        "(callbacks.early_stopping.patience=...).",
+        epochs,
+        why.rstrip("."),
+        ckpt_path,
+    )
+
+
 def finetune(cfg: DictConfig, datamodule: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit, test the best checkpoint, write ``summary.json``; return (summary, objects).
     ``datamodule``: one built from the same ``cfg.data`` to reuse (see :func:`build`)."""
@@ -440,6 +457,7 @@ def finetune(cfg: DictConfig, datamodule: Any = None) -> tuple[dict[str, Any], d
         policy = TargetPolicy.from_config(cfg, also=config_targets(_plain(cfg)))
         order = {"batch_per_device": dm.batch_size, "devices": trainer.world_size, "seed": dm.seed}
         check_resume(cfg.ckpt_path, cfg.model.backbone, dm.classes, policy, order)
+        _keep_early_stop(cfg.ckpt_path, trainer)
     go_on = objects.get("resume_from")  # finetune=auto's winner, from its last race round
     resuming = bool(cfg.get("ckpt_path") or go_on)  # in its own folder: checkpoints are there
     if resuming:
