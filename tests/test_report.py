@@ -13,6 +13,7 @@ from transferkit.report import (
     best_epoch,
     confusion_matrix,
     curve_marks,
+    metrics_parts,
     overfitting_epoch,
     per_class_rows,
     plot_confusion_matrix,
@@ -43,6 +44,23 @@ def test_read_epoch_metrics_one_row_per_epoch(tmp_path):
     assert t["val/acc"][:2] == [0.50, 0.70] and math.isnan(t["val/acc"][2])  # no val in epoch 3
 
 
+def test_a_resumed_runs_metrics_join_oldest_first(tmp_path):
+    """Resuming in a run's folder keeps the earlier parts aside as before-resume-<n>: the
+    curves join them in order (10 after 2), a later part's value for an epoch winning."""
+    header = "epoch,step,train/loss,val/loss\n"
+    (tmp_path / "metrics.before-resume-2.csv").write_text(header + "1,2,0.8,\n2,3,0.7,\n")
+    (tmp_path / "metrics.before-resume-10.csv").write_text(header + "2,3,0.6,0.9\n")
+    (tmp_path / "metrics.before-resume-x.csv").write_text(header + "0,1,9.0,\n")  # not ours
+    (tmp_path / "metrics.csv").write_text(header + "3,4,0.5,0.8\n")
+    parts = metrics_parts(tmp_path)
+    assert [p.name for p in parts] == ["metrics.before-resume-2.csv",
+                                       "metrics.before-resume-10.csv", "metrics.csv"]  # fmt: skip
+    t = read_epoch_metrics(*parts)
+    assert t["epoch"] == [2.0, 3.0, 4.0] and t["train/loss"] == [0.8, 0.6, 0.5]
+    assert math.isnan(t["val/loss"][0]) and t["val/loss"][1:] == [0.9, 0.8]
+    assert metrics_parts(tmp_path / "nothing") == []
+
+
 @pytest.mark.parametrize(
     ("train", "val", "expected"),
     [
@@ -68,9 +86,12 @@ def test_curve_marks_and_note():
     table = {"epoch": [1.0, 2.0, 3.0], "train/loss": [1.0, 0.5, 0.2],
              "val/loss": [0.9, 0.6, 0.9], "train/acc": [0.5, 0.7, 0.9],
              "val/acc": [0.5, 0.8, 0.7]}  # fmt: skip
-    marks, note = curve_marks(table, "val/acc", "max", stopped_epoch=2)
+    marks, note = curve_marks(table, "val/acc", "max", stopped_after=3)
     assert marks == {"best (val/acc)": 2.0, "early stop": 3.0, "overfitting": 2.0}
     assert "epoch 2" in note and "after epoch 3" in note
+    # a stop after the first epoch is a stop (Lightning's stopped_epoch is 0 there)
+    assert curve_marks(table, "val/acc", "max", stopped_after=1)[0]["early stop"] == 1.0
+    assert "did not trigger" in curve_marks(table, "val/acc", "max", stopped_after=None)[1]
 
 
 def test_confusion_matrix_and_per_class_rows():

@@ -81,17 +81,30 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_resuming_a_run_early_stopping_ended_trains_no_more(image_folder, tmp_path, make_cfg):
+@pytest.mark.parametrize("every", [1, 2])
+def test_resuming_a_run_early_stopping_ended_trains_no_more(every, image_folder, tmp_path,
+                                                           make_cfg):  # fmt: skip
     """Lightning keeps why early stopping ended a run in its checkpoint, but not the stop:
     resumed from its last.ckpt, a run it had ended trained on to its next validation (and on
-    from there if that one improved). Resuming a finished run must not change its result."""
+    from there if that one improved). Resuming a finished run must not change its result.
+    Validating every epoch, early stopping checks at the epoch's end; every 2, after the
+    validation."""
     # no validation improves on the first: early stopping ends the run at the second
-    common = ["trainer.max_epochs=6", "trainer.check_val_every_n_epoch=1",
+    common = ["trainer.max_epochs=6", f"trainer.check_val_every_n_epoch={every}",
               "callbacks.early_stopping.patience=1", "callbacks.early_stopping.min_delta=10",
-              "finetune=partial", "finetune.trainable_blocks=1"]  # fmt: skip
+              "finetune=partial", "finetune.trainable_blocks=1", "logger=csv"]  # fmt: skip
     out = tmp_path / "run"
     first, _ = finetune(make_cfg(*tiny_overrides(image_folder, out, *common)))
-    assert first["epochs"] == 2
+    assert first["epochs"] == 2 * every
+    # the summary and report say so (the best checkpoint, restored to test, predates the stop)
+    assert first["early_stopping"] == {
+        "monitor": "val/loss",
+        "stopped": True,
+        "after_epochs": 2 * every,
+        "reason": "patience_exhausted",
+    }
+    stop_note = f"Early stopping ended the run after epoch {2 * every}."
+    assert stop_note in (out / "report.md").read_text()
     last = out / "checkpoints" / "last.ckpt"
     before = torch.load(last, weights_only=True)
     resume = f"ckpt_path={last}"
@@ -101,10 +114,20 @@ def test_resuming_a_run_early_stopping_ended_trains_no_more(image_folder, tmp_pa
     assert resumed["test_acc"] == pytest.approx(first["test_acc"], abs=1e-6)
     after = torch.load(last, weights_only=True)
     assert (after["epoch"], after["global_step"]) == (before["epoch"], before["global_step"])
+    # the report still shows the run's curves (the resumed part logged none) and its stop
+    report = (out / "report.md").read_text()
+    assert "![learning curves]" in report
+    assert stop_note in report and resumed["early_stopping"] == first["early_stopping"]
+    if every == 2:
+        return
     # a longer budget does not undo the stop either: the patience it ran out is in the file
     longer, _ = finetune(make_cfg(*tiny_overrides(image_folder, out, *common, resume,
                                                   "trainer.max_epochs=12")))  # fmt: skip
     assert longer["global_steps"] == first["global_steps"]
+    # without early stopping, the resumed run trains on: the way to train longer
+    on, _ = finetune(make_cfg(*tiny_overrides(image_folder, out, *common, resume,
+                                              "~callbacks.early_stopping")))  # fmt: skip
+    assert on["epochs"] == 6 and on["global_steps"] == 3 * first["global_steps"]
 
 
 def test_an_early_stop_is_read_from_checkpoints_of_any_lightning_version():
@@ -117,7 +140,15 @@ def test_an_early_stop_is_read_from_checkpoints_of_any_lightning_version():
     assert early_stopped_epochs(ckpt(stopping_reason=0)) is None  # not stopped
     assert early_stopped_epochs(ckpt()) is None  # before Lightning 2.5: patience left
     assert early_stopped_epochs(ckpt(wait_count=3, stopped_epoch=4)) == (
-        5, "no improvement in 3 validations")  # fmt: skip
-    stopped = ckpt(stopping_reason=1, stopped_epoch=2, stopping_reason_message="threshold.")
-    assert early_stopped_epochs(stopped) == (3, "threshold.")
+        5, "no improvement in 3 checks")  # fmt: skip
+    stopped = ckpt(
+        stopping_reason=3,
+        stopped_epoch=2,
+        stopping_reason_message="Best score: 0.5. Signaling Trainer to stop.",
+    )
+    assert early_stopped_epochs(stopped) == (3, "Best score: 0.5")
+    # only the states the resumed run's early stopping restores
+    assert early_stopped_epochs(stopped, {"EarlyStopping{'monitor': 'val/acc'}"}) is None
+    assert early_stopped_epochs(stopped, {"EarlyStopping{'monitor': 'val/loss'}"}) == (
+        3, "Best score: 0.5")  # fmt: skip
     assert early_stopped_epochs({"callbacks": {"ModelCheckpoint": {"best_model_path": ""}}}) is None

@@ -16,6 +16,7 @@ from transferkit.finetune import finetune
 from transferkit.models import ImageClassifier
 from transferkit.models.heads import LinearHead, MLPHead
 from transferkit.policy import Plan
+from transferkit.report import metrics_parts, read_epoch_metrics
 
 from .conftest import tiny_overrides
 
@@ -205,3 +206,6 @@ def test_resuming_in_the_same_folder_keeps_the_earlier_metrics(image_folder, tmp
                                       "logger=csv", resume)))  # fmt: skip
     assert (out / "metrics.before-resume-1.csv").read_text() == first
     assert (out / "metrics.csv").is_file()  # the resumed part's own log
+    # the report's learning curves hold both parts
+    assert read_epoch_metrics(*metrics_parts(out))["epoch"] == [1.0, 2.0, 3.0]
+    assert read_epoch_metrics(out / "metrics.csv")["epoch"] == [3.0]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -221,8 +221,9 @@ def check_resume(
     data_classes: Sequence[str],
     policy: TargetPolicy | None = None,
     data_order: dict[str, int] | None = None,
-) -> None:
-    """Fail before training when ``ckpt_path`` cannot continue this run.
+) -> dict[str, Any]:
+    """Fail before training when ``ckpt_path`` cannot continue this run; else return the
+    checkpoint (read with ``weights_only=True``).
 
     The run's own config builds the model; the checkpoint only gives it state. A
     checkpoint that names code the run's config does not (``policy``) is still refused:
@@ -271,26 +272,34 @@ def check_resume(
     log.info(
         "the best checkpoint so far is tracked in %s; resume there with hydra.run.dir", run_dir
     )
+    return ckpt
 
 
-def early_stopped_epochs(ckpt: dict[str, Any]) -> tuple[int, str] | None:
-    """``(epochs, why)`` when early stopping had ended the checkpoint's run, else None.
+def early_stopped_epochs(
+    ckpt: dict[str, Any], state_keys: Collection[str] | None = None
+) -> tuple[int, str] | None:
+    """``(epochs, why)`` when early stopping had ended the checkpoint's run after ``epochs``
+    epochs, else None. ``state_keys``: look only at the states of these callbacks (those
+    Lightning will restore into the resumed run's early stopping); None: at any.
 
     Lightning keeps the early-stopping callback's state (why it stopped, and at which epoch)
     in the checkpoint but not the stop itself: resumed, such a run trains on to its next
-    validation, and on from there if that one improves. The caller caps the epochs here.
+    check, and on from there if that one improves. The caller caps the epochs here.
     """
     keys = {"wait_count", "stopped_epoch", "patience"}  # an EarlyStopping's, of any class
-    for state in (ckpt.get("callbacks") or {}).values():
+    for key, state in (ckpt.get("callbacks") or {}).items():
+        if state_keys is not None and key not in state_keys:
+            continue
         if not (isinstance(state, dict) and keys <= set(state)):
             continue
         reason = state.get("stopping_reason")  # Lightning >= 2.5; before, patience only
         ended = bool(reason) if reason is not None else 0 < state["patience"] <= state["wait_count"]
         if ended:
             why = state.get("stopping_reason_message") or (
-                f"no improvement in {state['wait_count']} validations"
+                f"no improvement in {state['wait_count']} checks"
             )
-            return int(state["stopped_epoch"]) + 1, str(why)
+            why = why.replace("Signaling Trainer to stop.", "").strip().rstrip(".")
+            return int(state["stopped_epoch"]) + 1, why
     return None
 
 

@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import (
     ModelCheckpoint,
     ProgressBar,
 )
+from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
@@ -34,7 +35,7 @@ from transferkit.callbacks.compile_watch import CompileWatch
 from transferkit.callbacks.fit_diagnosis import FitDiagnosis
 from transferkit.callbacks.history import History
 from transferkit.callbacks.speed import TrainSpeed
-from transferkit.checkpoint_io import check_resume, early_stopped_epochs, read_checkpoint
+from transferkit.checkpoint_io import check_resume, early_stopped_epochs
 from transferkit.cli import CONFIG_DIR, run_cli
 from transferkit.data.balance import AUTO_RATIO, imbalance_ratio
 from transferkit.distributed import check_multirun, scaled_optimizer
@@ -426,21 +427,45 @@ def _instantiate_logger(name: str, node: DictConfig) -> Any:
         ) from e
 
 
-def _keep_early_stop(ckpt_path: str, trainer: Any) -> None:
-    """Resuming a run early stopping had ended trains nothing more: its result stays."""
-    stop = early_stopped_epochs(read_checkpoint(ckpt_path))
-    if stop is None:
+def _keep_early_stop(ckpt: dict[str, Any], ckpt_path: str, trainer: Any) -> None:
+    """Resuming a run early stopping had ended trains nothing more: its result stays. Only
+    a stop the resumed run's early stopping inherits counts (Lightning restores a callback's
+    state by its key): without early stopping, or monitoring another metric, it trains on."""
+    keys = {cb.state_key for cb in trainer.callbacks if isinstance(cb, EarlyStopping)}
+    stop = early_stopped_epochs(ckpt, keys)
+    loop = trainer.fit_loop
+    if stop is None or loop.min_steps:  # min_steps: Lightning trained on after the stop
         return
-    epochs, why = stop
-    trainer.fit_loop.max_epochs = min(trainer.fit_loop.max_epochs, epochs)
+    epochs = max(stop[0], loop.min_epochs or 0)  # so did it up to min_epochs
+    if int(ckpt.get("epoch") or 0) >= epochs:  # the saved epoch's index; the stop's is below
+        return  # saved later: a resume before this rule trained on past the stop
+    loop.max_epochs = min(loop.max_epochs, epochs)
     log.info(
-        "early stopping ended this run after %d epochs (%s): resuming from %s trains no more "
-        "and tests its best checkpoint. To train longer, start a new run with more patience "
-        "(callbacks.early_stopping.patience=...).",
+        "early stopping ended this run after %d epochs (%s): resuming from %s trains no "
+        "more. To train on from it, resume with ~callbacks.early_stopping (Lightning "
+        "restores the patience it ran out) and a larger trainer.max_epochs.",
         epochs,
-        why.rstrip("."),
+        stop[1],
         ckpt_path,
     )
+
+
+def _early_stop_result(trainer: Any) -> dict[str, Any] | None:
+    """Whether early stopping ended the fit, after how many epochs and why; None without
+    early stopping. Read before testing: restoring the best checkpoint for the test restores
+    the callbacks' state too, and the best came before the stop (patience checks later)."""
+    stoppers = [c for c in trainer.callbacks if isinstance(c, EarlyStopping)]
+    if not stoppers:
+        return None
+    stopper = next((c for c in stoppers if c.stopping_reason != EarlyStoppingReason.NOT_STOPPED),
+                   stoppers[0])  # fmt: skip
+    stopped = stopper.stopping_reason != EarlyStoppingReason.NOT_STOPPED
+    return {
+        "monitor": stopper.monitor,
+        "stopped": stopped,
+        "after_epochs": stopper.stopped_epoch + 1 if stopped else None,
+        "reason": stopper.stopping_reason.name.lower() if stopped else None,
+    }
 
 
 def finetune(cfg: DictConfig, datamodule: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -456,8 +481,9 @@ def finetune(cfg: DictConfig, datamodule: Any = None) -> tuple[dict[str, Any], d
     if cfg.get("ckpt_path"):  # the targets this run's config names are the user's own
         policy = TargetPolicy.from_config(cfg, also=config_targets(_plain(cfg)))
         order = {"batch_per_device": dm.batch_size, "devices": trainer.world_size, "seed": dm.seed}
-        check_resume(cfg.ckpt_path, cfg.model.backbone, dm.classes, policy, order)
-        _keep_early_stop(cfg.ckpt_path, trainer)
+        ckpt = check_resume(cfg.ckpt_path, cfg.model.backbone, dm.classes, policy, order)
+        _keep_early_stop(ckpt, cfg.ckpt_path, trainer)
+        del ckpt
     go_on = objects.get("resume_from")  # finetune=auto's winner, from its last race round
     resuming = bool(cfg.get("ckpt_path") or go_on)  # in its own folder: checkpoints are there
     if resuming:
@@ -484,6 +510,7 @@ def finetune(cfg: DictConfig, datamodule: Any = None) -> tuple[dict[str, Any], d
     # Before testing: restoring the best checkpoint also restores the callbacks' state.
     fit = next((c.result() for c in trainer.callbacks if isinstance(c, FitDiagnosis)), None)
     history = next((c.rows for c in trainer.callbacks if isinstance(c, History)), None)
+    early_stop = _early_stop_result(trainer)
 
     checkpoint = trainer.checkpoint_callback
     best_path = getattr(checkpoint, "best_model_path", "") or None
@@ -546,6 +573,7 @@ def finetune(cfg: DictConfig, datamodule: Any = None) -> tuple[dict[str, Any], d
         "fit_evidence": fit and fit["evidence"],
         "lr_find": lr_find,
         "history": history,  # learning curves per epoch (History callback)
+        "early_stopping": early_stop,  # None: no early stopping in this run
         "plan": {
             **{k: plan.as_dict()[k] for k in ("regime", "trainable_blocks", "total_blocks")},
             "rule": plan.rule,

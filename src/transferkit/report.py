@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 from matplotlib.figure import Figure  # the object API renders with Agg, no GUI backend
@@ -44,26 +43,41 @@ VERSIONED = ("transferkit", "torch", "timm", "lightning", "torchmetrics", "hydra
 
 
 # -- learning curves ----------------------------------------------------------------------
-def read_epoch_metrics(path: str | Path) -> dict[str, list[float]]:
-    """Per-epoch train/val loss and accuracy from Lightning's CSV logger file.
+def read_epoch_metrics(*paths: str | Path) -> dict[str, list[float]]:
+    """Per-epoch train/val loss and accuracy from Lightning's CSV logger file(s).
 
     Returns ``{"epoch": [1, 2, ...], "train/loss": [...], ...}`` (epochs 1-based, NaN where
     a metric was not logged that epoch, e.g. validation every n epochs). Test rows and
-    per-step rows without an epoch are ignored.
+    per-step rows without an epoch are ignored. Several ``paths`` (a run's parts, oldest
+    first: :func:`metrics_parts`) join into one table; a later part's value for an epoch wins.
     """
     by_epoch: dict[int, dict[str, float]] = {}
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            if not row.get("epoch"):
-                continue
-            values = {k: float(row[k]) for k in CURVE_KEYS if row.get(k) not in (None, "")}
-            if values:
-                by_epoch.setdefault(int(float(row["epoch"])), {}).update(values)
+    for path in paths:
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                if not row.get("epoch"):
+                    continue
+                values = {k: float(row[k]) for k in CURVE_KEYS if row.get(k) not in (None, "")}
+                if values:
+                    by_epoch.setdefault(int(float(row["epoch"])), {}).update(values)
     epochs = sorted(by_epoch)
     table: dict[str, list[float]] = {"epoch": [float(e + 1) for e in epochs]}
     for k in CURVE_KEYS:
         table[k] = [by_epoch[e].get(k, math.nan) for e in epochs]
     return table
+
+
+def metrics_parts(log_dir: str | Path) -> list[Path]:
+    """A run's CSV logs, oldest first: the ``metrics.before-resume-<n>.csv`` that resuming in
+    its folder kept aside (Lightning's logger deletes ``metrics.csv``), then ``metrics.csv``."""
+    log_dir = Path(log_dir)
+    kept = {}
+    for p in log_dir.glob("metrics.before-resume-*.csv"):
+        n = p.stem.rsplit("-", 1)[-1]
+        if n.isdigit():
+            kept[int(n)] = p
+    parts = [kept[n] for n in sorted(kept)]
+    return [*parts, log_dir / "metrics.csv"] if (log_dir / "metrics.csv").is_file() else parts
 
 
 def best_epoch(epochs: Sequence[float], values: Sequence[float], mode: str) -> float | None:
@@ -373,13 +387,14 @@ def race_section(measured: Mapping[str, Any] | None, png: str | None) -> list[st
 
 
 def curve_marks(
-    table: Mapping[str, Sequence[float]], monitor: str, mode: str, stopped_epoch: int
+    table: Mapping[str, Sequence[float]], monitor: str, mode: str, stopped_after: int | None
 ) -> tuple[dict[str, float | None], str]:
-    """The vertical lines of the learning-curve plot and a sentence about each."""
+    """The vertical lines of the learning-curve plot and a sentence about each;
+    ``stopped_after``: the epochs done when early stopping ended the run (None: it did not)."""
     epochs = table["epoch"]
     best = best_epoch(epochs, table[monitor], mode) if monitor in table else None
     over = overfitting_epoch(epochs, table["train/loss"], table["val/loss"])
-    stop = float(stopped_epoch + 1) if stopped_epoch else None
+    stop = float(stopped_after) if stopped_after else None
     marks = {f"best ({monitor})": best, "early stop": stop, "overfitting": over}
     note = [f"Best checkpoint: epoch {best:g} by `{monitor}` ({mode})." if best else
             f"No `{monitor}` values logged."]  # fmt: skip
@@ -424,13 +439,12 @@ def write_run_report(
         if s in dm.splits
     }
     curves = None
-    csv_path = next((Path(lg.log_dir) / "metrics.csv" for lg in trainer.loggers
-                     if isinstance(lg, CSVLogger)), None)  # fmt: skip
-    if csv_path is not None and csv_path.is_file():
-        table = read_epoch_metrics(csv_path)
+    log_dir = next((lg.log_dir for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
+    parts = metrics_parts(log_dir) if log_dir is not None else []
+    if parts:  # a resumed run's curves from its start, not only the resumed part's
+        table = read_epoch_metrics(*parts)
         if table["epoch"]:
-            stopper = next((c for c in trainer.callbacks if isinstance(c, EarlyStopping)), None)
-            stopped = stopper.stopped_epoch if stopper is not None else 0
+            stopped = (summary.get("early_stopping") or {}).get("after_epochs")
             marks, note = curve_marks(table, cfg.monitor, cfg.mode, stopped)
             plot_learning_curves(table, out_dir / "learning_curves.png", marks)
             curves = {"png": "learning_curves.png", "note": note}
