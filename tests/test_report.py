@@ -46,9 +46,11 @@ def test_read_epoch_metrics_one_row_per_epoch(tmp_path):
 
 def test_a_resumed_runs_metrics_join_oldest_first(tmp_path):
     """Resuming in a run's folder keeps the earlier parts aside as before-resume-<n>: the
-    curves join them in order (10 after 2), a later part's value for an epoch winning."""
+    curves join them in order (10 after 2), each part replacing the epochs from its first
+    on (those after the checkpoint it resumed from were abandoned)."""
     header = "epoch,step,train/loss,val/loss\n"
-    (tmp_path / "metrics.before-resume-2.csv").write_text(header + "1,2,0.8,\n2,3,0.7,\n")
+    # the first part went on to epoch 4; the run was resumed from epoch 2's checkpoint
+    (tmp_path / "metrics.before-resume-2.csv").write_text(header + "1,2,0.8,\n2,3,0.7,\n4,5,0.1,\n")
     (tmp_path / "metrics.before-resume-10.csv").write_text(header + "2,3,0.6,0.9\n")
     (tmp_path / "metrics.before-resume-x.csv").write_text(header + "0,1,9.0,\n")  # not ours
     (tmp_path / "metrics.csv").write_text(header + "3,4,0.5,0.8\n")

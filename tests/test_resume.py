@@ -4,6 +4,8 @@ With augmentation (``augment=light``) and shuffling on: the generators' states t
 checkpoint (``RNGState``), so the resumed epochs draw the same batches and crops.
 """
 
+from types import SimpleNamespace
+
 import lightning as L
 import pytest
 import torch
@@ -131,14 +133,18 @@ def test_resuming_a_run_early_stopping_ended_trains_no_more(every, image_folder,
 
 
 def test_an_early_stop_is_read_from_checkpoints_of_any_lightning_version():
+    from lightning.pytorch.callbacks import EarlyStopping
+
     from transferkit.checkpoint_io import early_stopped_epochs
+
+    key = EarlyStopping(monitor="val/loss", mode="min").state_key
 
     def ckpt(**state):
         base = {"wait_count": 1, "stopped_epoch": 0, "best_score": torch.tensor(0.5), "patience": 3}
-        return {"callbacks": {"EarlyStopping{'monitor': 'val/loss'}": {**base, **state}}}
+        return {"callbacks": {key: {**base, **state}}}
 
     assert early_stopped_epochs(ckpt(stopping_reason=0)) is None  # not stopped
-    assert early_stopped_epochs(ckpt()) is None  # before Lightning 2.5: patience left
+    assert early_stopped_epochs(ckpt()) is None  # before Lightning 2.6: patience left
     assert early_stopped_epochs(ckpt(wait_count=3, stopped_epoch=4)) == (
         5, "no improvement in 3 checks")  # fmt: skip
     stopped = ckpt(
@@ -148,7 +154,63 @@ def test_an_early_stop_is_read_from_checkpoints_of_any_lightning_version():
     )
     assert early_stopped_epochs(stopped) == (3, "Best score: 0.5")
     # only the states the resumed run's early stopping restores
-    assert early_stopped_epochs(stopped, {"EarlyStopping{'monitor': 'val/acc'}"}) is None
-    assert early_stopped_epochs(stopped, {"EarlyStopping{'monitor': 'val/loss'}"}) == (
-        3, "Best score: 0.5")  # fmt: skip
+    other = EarlyStopping(monitor="val/acc", mode="max").state_key
+    assert early_stopped_epochs(stopped, {other}) is None
+    assert early_stopped_epochs(stopped, {key}) == (3, "Best score: 0.5")
     assert early_stopped_epochs({"callbacks": {"ModelCheckpoint": {"best_model_path": ""}}}) is None
+
+
+def _trainer(max_epochs=10, min_epochs=None, min_steps=None, current_epoch=0, stopper=None):
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    stopper = stopper or EarlyStopping(monitor="val/loss", mode="min")
+    loop = SimpleNamespace(max_epochs=max_epochs, min_epochs=min_epochs, min_steps=min_steps)
+    return SimpleNamespace(callbacks=[stopper], fit_loop=loop, current_epoch=current_epoch)
+
+
+@pytest.mark.parametrize(
+    ("saved", "limits", "expected"),
+    [
+        ({"epoch": 2, "global_step": 9}, {}, 3),  # last.ckpt of the stop epoch (index 2)
+        ({"epoch": 3, "global_step": 12}, {}, 10),  # saved after it: a resume trained on
+        ({"epoch": 2, "global_step": 9}, {"min_epochs": 5}, 5),  # Lightning went on to 5
+        ({"epoch": 4, "global_step": 15}, {"min_epochs": 5}, 5),
+        ({"epoch": 2, "global_step": 9}, {"min_steps": 20}, 10),  # ... and to min_steps
+        ({"epoch": 6, "global_step": 21}, {"min_steps": 20}, 10),  # stale: no stop there
+    ],
+)
+def test_the_early_stop_cap_follows_lightnings_limits(saved, limits, expected):
+    """Only where the first run would have ended: min_epochs and min_steps kept it going
+    after the stop, and a checkpoint saved after the stop (by a resume that trained on)
+    is not capped."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from transferkit.finetune import _keep_early_stop
+
+    trainer = _trainer(**limits)
+    state = {"wait_count": 3, "stopped_epoch": 2, "best_score": torch.tensor(0.5),
+             "patience": 3, "stopping_reason": 3}  # fmt: skip
+    ckpt = {**saved, "callbacks": {EarlyStopping(monitor="val/loss", mode="min").state_key: state}}
+    _keep_early_stop(ckpt, "last.ckpt", trainer)
+    assert trainer.fit_loop.max_epochs == expected
+    without = _trainer(**limits, stopper=EarlyStopping(monitor="val/acc", mode="max"))
+    _keep_early_stop(ckpt, "last.ckpt", without)  # another monitor: a fresh early stopping
+    assert without.fit_loop.max_epochs == 10
+
+
+def test_the_summary_says_early_stopping_ended_the_run_only_where_it_did():
+    from lightning.pytorch.callbacks import EarlyStopping
+    from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
+
+    from transferkit.finetune import _early_stop_result
+
+    stopper = EarlyStopping(monitor="val/loss", mode="min")
+    assert _early_stop_result(_trainer(current_epoch=10, stopper=stopper))["stopped"] is False
+    stopper.stopping_reason, stopper.stopped_epoch = EarlyStoppingReason.PATIENCE_EXHAUSTED, 2
+    assert _early_stop_result(_trainer(current_epoch=3, stopper=stopper)) == {
+        "monitor": "val/loss", "stopped": True, "after_epochs": 3,
+        "reason": "patience_exhausted"}  # fmt: skip
+    ended = _early_stop_result(_trainer(min_epochs=5, current_epoch=5, stopper=stopper))
+    assert ended["after_epochs"] == 5  # min_epochs held it to 5
+    assert _early_stop_result(_trainer(current_epoch=7, stopper=stopper))["stopped"] is False
+    assert _early_stop_result(SimpleNamespace(callbacks=[])) is None

@@ -292,7 +292,7 @@ def early_stopped_epochs(
             continue
         if not (isinstance(state, dict) and keys <= set(state)):
             continue
-        reason = state.get("stopping_reason")  # Lightning >= 2.5; before, patience only
+        reason = state.get("stopping_reason")  # Lightning >= 2.6; before, patience only
         ended = bool(reason) if reason is not None else 0 < state["patience"] <= state["wait_count"]
         if ended:
             why = state.get("stopping_reason_message") or (

@@ -243,9 +243,11 @@ def build(cfg: DictConfig, datamodule: Any = None) -> dict[str, Any]:
     measured = plan.measured or {}
     # finetune=auto: early stopping ended the winner's race run, as the fixed run would have
     # ended: going on (or resuming its last.ckpt) trains nothing more (Lightning does not keep
-    # the stop in a checkpoint)
+    # the stop in a checkpoint). Resumed without early stopping, it trains on (as a fixed
+    # run does: _keep_early_stop).
     stopped = measured.get("stopped_epochs")
-    if not (resume_from or measured.get("source") == "checkpoint"):
+    resumed = measured.get("source") == "checkpoint"
+    if not (resume_from or (resumed and any(isinstance(c, EarlyStopping) for c in callbacks))):
         stopped = None
     if stopped:
         trainer.fit_loop.max_epochs = min(b["epochs"], int(stopped))
@@ -434,16 +436,19 @@ def _keep_early_stop(ckpt: dict[str, Any], ckpt_path: str, trainer: Any) -> None
     keys = {cb.state_key for cb in trainer.callbacks if isinstance(cb, EarlyStopping)}
     stop = early_stopped_epochs(ckpt, keys)
     loop = trainer.fit_loop
-    if stop is None or loop.min_steps:  # min_steps: Lightning trained on after the stop
+    if stop is None:
         return
-    epochs = max(stop[0], loop.min_epochs or 0)  # so did it up to min_epochs
+    if loop.min_steps and int(ckpt.get("global_step") or 0) < loop.min_steps:
+        return  # Lightning trains on after a stop until min_steps
+    epochs = max(stop[0], loop.min_epochs or 0)  # and until min_epochs
     if int(ckpt.get("epoch") or 0) >= epochs:  # the saved epoch's index; the stop's is below
         return  # saved later: a resume before this rule trained on past the stop
     loop.max_epochs = min(loop.max_epochs, epochs)
     log.info(
         "early stopping ended this run after %d epochs (%s): resuming from %s trains no "
         "more. To train on from it, resume with ~callbacks.early_stopping (Lightning "
-        "restores the patience it ran out) and a larger trainer.max_epochs.",
+        "restores the patience it ran out), and a larger trainer.max_epochs to go past its "
+        "budget.",
         epochs,
         stop[1],
         ckpt_path,
@@ -457,15 +462,17 @@ def _early_stop_result(trainer: Any) -> dict[str, Any] | None:
     stoppers = [c for c in trainer.callbacks if isinstance(c, EarlyStopping)]
     if not stoppers:
         return None
-    stopper = next((c for c in stoppers if c.stopping_reason != EarlyStoppingReason.NOT_STOPPED),
-                   stoppers[0])  # fmt: skip
-    stopped = stopper.stopping_reason != EarlyStoppingReason.NOT_STOPPED
-    return {
-        "monitor": stopper.monitor,
-        "stopped": stopped,
-        "after_epochs": stopper.stopped_epoch + 1 if stopped else None,
-        "reason": stopper.stopping_reason.name.lower() if stopped else None,
-    }
+    for stopper in stoppers:
+        if stopper.stopping_reason == EarlyStoppingReason.NOT_STOPPED:
+            continue
+        # Lightning never clears a stop: with min_epochs the run went on to it, and a run
+        # resumed past a stop (before _keep_early_stop) ended elsewhere
+        after = max(stopper.stopped_epoch + 1, trainer.fit_loop.min_epochs or 0)
+        if after == trainer.current_epoch:
+            return {"monitor": stopper.monitor, "stopped": True, "after_epochs": after,
+                    "reason": stopper.stopping_reason.name.lower()}  # fmt: skip
+    return {"monitor": stoppers[0].monitor, "stopped": False, "after_epochs": None,
+            "reason": None}  # fmt: skip
 
 
 def finetune(cfg: DictConfig, datamodule: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:

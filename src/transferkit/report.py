@@ -48,18 +48,24 @@ def read_epoch_metrics(*paths: str | Path) -> dict[str, list[float]]:
 
     Returns ``{"epoch": [1, 2, ...], "train/loss": [...], ...}`` (epochs 1-based, NaN where
     a metric was not logged that epoch, e.g. validation every n epochs). Test rows and
-    per-step rows without an epoch are ignored. Several ``paths`` (a run's parts, oldest
-    first: :func:`metrics_parts`) join into one table; a later part's value for an epoch wins.
+    per-step rows without an epoch are ignored. Several ``paths`` (a resumed run's parts,
+    oldest first: :func:`metrics_parts`) join into one table: each part replaces the epochs
+    of the parts before it from its first epoch on (a resume from an earlier checkpoint
+    abandons what came after it).
     """
     by_epoch: dict[int, dict[str, float]] = {}
     for path in paths:
+        part: dict[int, dict[str, float]] = {}
         with open(path, newline="") as f:
             for row in csv.DictReader(f):
                 if not row.get("epoch"):
                     continue
                 values = {k: float(row[k]) for k in CURVE_KEYS if row.get(k) not in (None, "")}
                 if values:
-                    by_epoch.setdefault(int(float(row["epoch"])), {}).update(values)
+                    part.setdefault(int(float(row["epoch"])), {}).update(values)
+        if part:
+            first = min(part)
+            by_epoch = {e: v for e, v in by_epoch.items() if e < first} | part
     epochs = sorted(by_epoch)
     table: dict[str, list[float]] = {"epoch": [float(e + 1) for e in epochs]}
     for k in CURVE_KEYS:
@@ -441,6 +447,8 @@ def write_run_report(
     curves = None
     log_dir = next((lg.log_dir for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
     parts = metrics_parts(log_dir) if log_dir is not None else []
+    if not (cfg.get("ckpt_path") or objects.get("resume_from")):  # kept parts: another run's
+        parts = [p for p in parts if p.name == "metrics.csv"]
     if parts:  # a resumed run's curves from its start, not only the resumed part's
         table = read_epoch_metrics(*parts)
         if table["epoch"]:
