@@ -176,6 +176,7 @@ def _trainer(max_epochs=10, min_epochs=None, min_steps=None, current_epoch=0, st
         ({"epoch": 2, "global_step": 9}, {"min_epochs": 5}, 5),  # Lightning went on to 5
         ({"epoch": 4, "global_step": 15}, {"min_epochs": 5}, 5),
         ({"epoch": 2, "global_step": 9}, {"min_steps": 20}, 10),  # ... and to min_steps
+        ({"epoch": 2, "global_step": 21}, {"min_steps": 20}, 3),  # reached in the stop epoch
         ({"epoch": 6, "global_step": 21}, {"min_steps": 20}, 10),  # stale: no stop there
     ],
 )
