@@ -242,13 +242,9 @@ def build(cfg: DictConfig, datamodule: Any = None) -> dict[str, Any]:
     trainer.check_val_every_n_epoch = user_every or validation_interval(b["epochs"])
     measured = plan.measured or {}
     # finetune=auto: early stopping ended the winner's race run, as the fixed run would have
-    # ended: going on (or resuming its last.ckpt) trains nothing more (Lightning does not keep
-    # the stop in a checkpoint). Resumed without early stopping, it trains on (as a fixed
-    # run does: _keep_early_stop).
-    stopped = measured.get("stopped_epochs")
-    resumed = measured.get("source") == "checkpoint"
-    if not (resume_from or (resumed and any(isinstance(c, EarlyStopping) for c in callbacks))):
-        stopped = None
+    # ended: going on trains nothing more (Lightning does not keep the stop in a checkpoint).
+    # Resuming the run's last.ckpt later is capped as any resume is (_keep_early_stop).
+    stopped = measured.get("stopped_epochs") if resume_from else None
     if stopped:
         trainer.fit_loop.max_epochs = min(b["epochs"], int(stopped))
     late = [e for e, _ in plan.schedule if e >= trainer.max_epochs]
