@@ -87,6 +87,9 @@ def test_sigterm_mid_epoch_checkpoints_at_once_and_resumes_exactly(
     a, b = _last(tmp_path / "full")["state_dict"], _last(out)["state_dict"]
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # the speed counts every image once: the stopped part's, saved mid-epoch, and the rest
+    speeds = [_last(run)["callbacks"]["TrainSpeed"] for run in (tmp_path / "full", out)]
+    assert speeds[0]["images"] == speeds[1]["images"] > 0
 
 
 def _cli(*args: str, cwd) -> subprocess.Popen:

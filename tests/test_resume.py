@@ -120,6 +120,9 @@ def test_resuming_a_run_early_stopping_ended_trains_no_more(every, image_folder,
     report = (out / "report.md").read_text()
     assert "![learning curves]" in report
     assert stop_note in report and resumed["early_stopping"] == first["early_stopping"]
+    # its speed and seconds are the run's, not those of the call that trained nothing more
+    assert resumed["train_images_per_second"] == first["train_images_per_second"] > 0
+    assert resumed["fit_seconds"] > first["history"][-1]["seconds"]
     if every == 2:
         return
     # a longer budget does not undo the stop either: the patience it ran out is in the file
@@ -130,6 +133,7 @@ def test_resuming_a_run_early_stopping_ended_trains_no_more(every, image_folder,
     on, _ = finetune(make_cfg(*tiny_overrides(image_folder, out, *common, resume,
                                               "~callbacks.early_stopping")))  # fmt: skip
     assert on["epochs"] == 6 and on["global_steps"] == 3 * first["global_steps"]
+    assert on["fit_seconds"] > on["history"][-1]["seconds"] > first["history"][-1]["seconds"]
 
 
 def test_an_early_stop_is_read_from_checkpoints_of_any_lightning_version():

@@ -54,6 +54,7 @@ from typing import Any
 from lightning.pytorch.callbacks import Callback, EarlyStopping
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 
+from transferkit.callbacks.speed import TrainSpeed
 from transferkit.errors import CheckpointError, ConfigError
 from transferkit.policy import parse_blocks
 
@@ -419,6 +420,8 @@ def adopt(last: Path, into: Path, checkpoints: Path) -> None:
             if str(key).startswith("ModelCheckpoint") and isinstance(state, dict):
                 callbacks[key] = swap(state)
         callbacks.pop(ValRecorder.__qualname__, None)  # the race's own; the run has none
+        # the race's training is the decision's time, not the run's (its speed and seconds)
+        callbacks.pop(TrainSpeed.__qualname__, None)
         buf = io.BytesIO()
         torch.save(ckpt, buf)
         return buf.getvalue()

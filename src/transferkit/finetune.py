@@ -514,6 +514,12 @@ def finetune(cfg: DictConfig, datamodule: Any = None) -> tuple[dict[str, Any], d
     fit = next((c.result() for c in trainer.callbacks if isinstance(c, FitDiagnosis)), None)
     history = next((c.rows for c in trainer.callbacks if isinstance(c, History)), None)
     early_stop = _early_stop_result(trainer)
+    speed = next((c for c in trainer.callbacks if isinstance(c, TrainSpeed)), None)
+    # and the training so far: a resumed run's speed and seconds are the whole run's (also
+    # one Lightning requeued on SLURM, from its own checkpoint; 0 for a new run)
+    images_per_second = round(speed.images_per_second, 1) if speed else None
+    if speed:
+        fit_seconds += speed.earlier_fit_seconds
 
     checkpoint = trainer.checkpoint_callback
     best_path = getattr(checkpoint, "best_model_path", "") or None
@@ -534,7 +540,6 @@ def finetune(cfg: DictConfig, datamodule: Any = None) -> tuple[dict[str, Any], d
         test_metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
     model.use_cached_features(None)  # from here on (report, predictions) the model sees images
 
-    speed = next((c for c in trainer.callbacks if isinstance(c, TrainSpeed)), None)
     watch = next((c for c in trainer.callbacks if isinstance(c, CompileWatch)), None)
     summary: dict[str, Any] = {
         "backbone": cfg.model.backbone,
@@ -568,8 +573,8 @@ def finetune(cfg: DictConfig, datamodule: Any = None) -> tuple[dict[str, Any], d
         "balance": dm.balance_mode,
         "precision": objects["precision"].as_dict(),
         "compile": watch and {"mode": model.hparams["compile"], **watch.as_dict()},
-        "fit_seconds": round(fit_seconds, 2),
-        "train_images_per_second": round(speed.images_per_second, 1) if speed else None,
+        "fit_seconds": round(fit_seconds, 2),  # a resumed run's: up to its checkpoint too
+        "train_images_per_second": images_per_second,
         "best_checkpoint": best_path,
         "feature_cache": objects["feature_cache"],
         "fit": fit and fit["fit"],  # overfitting | underfitting | ok (FitDiagnosis callback)
