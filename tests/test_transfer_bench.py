@@ -44,6 +44,23 @@ def test_the_summary_holds_for_each_backbone_on_its_own():
     assert s["by_model"]["a@64"]["auto"]["worst_regret"] == pytest.approx(0.0)
     assert s["by_model"]["b@64"]["auto"]["worst_regret"] == pytest.approx(10.0)
     assert s["by_model"]["b@64"]["auto"]["cells"] == 1
+    assert "by_size" not in s  # one size
+
+
+def test_the_summary_holds_for_each_data_size_on_its_own():
+    accs = {"10": {"depth=0": 0.7, "auto": 0.68}, "100": {"depth=0": 0.9, "auto": 0.9},
+            "500": {"depth=0": 0.95, "auto": 0.94}}  # fmt: skip
+    recs = [{"cell": f"{data}/{size}/a@64", "method": method, "seed": 1, "test_acc": acc,
+             "seconds": 10.0, "blocks": 1}
+            for data in ("glyphs", "textures") for size, by in accs.items()
+            for method, acc in by.items()]  # fmt: skip
+    s = tb.summarize(recs, ["depth=0", "auto"])
+    assert list(s["by_size"]) == ["10", "100", "500"]  # by number, not as text
+    assert s["by_size"]["10"]["auto"]["mean_regret"] == pytest.approx(2.0)
+    assert s["by_size"]["500"]["auto"]["worst_regret"] == pytest.approx(1.0)
+    assert s["by_size"]["100"]["auto"]["cells"] == 2
+    assert s["methods"]["auto"]["mean_regret"] == pytest.approx(1.0)
+    assert "by_model" not in s
 
 
 def test_the_fastai_recipe_is_one_frozen_epoch_then_discriminative_lrs(make_cfg):

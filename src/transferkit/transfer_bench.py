@@ -197,10 +197,16 @@ def summarize(records: list[dict[str, Any]], methods: list[str]) -> dict[str, An
             }
         out["cells"][name] = row
     out["methods"] = aggregate(list(out["cells"].values()), methods)
-    models = sorted({name.rsplit("/", 1)[-1] for name in out["cells"]})
-    if len(models) > 1:  # does it hold for each backbone and resolution on its own?
-        by_model = {m: [c for n, c in out["cells"].items() if n.endswith("/" + m)] for m in models}
-        out["by_model"] = {m: aggregate(cells_of, methods) for m, cells_of in by_model.items()}
+    # does it hold for each backbone and resolution, and each data size, on its own?
+    for key, part in (("by_model", 2), ("by_size", 1)):
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for name, c in out["cells"].items():
+            parts = name.split("/")
+            if len(parts) == 3:  # data set / images per class / backbone@resolution
+                groups.setdefault(parts[part], []).append(c)
+        if len(groups) > 1:
+            order = sorted(groups, key=lambda g: (int(g) if g.isdigit() else 0, g))
+            out[key] = {g: aggregate(groups[g], methods) for g in order}
     return out
 
 
@@ -288,6 +294,8 @@ def write_report(summary: dict[str, Any], records: list[dict[str, Any]], methods
     ]
     for model, by_method in (summary.get("by_model") or {}).items():
         text += [f"\n### {model} only\n", agg(by_method)]
+    for size, by_method in (summary.get("by_size") or {}).items():
+        text += [f"\n### {size} images per class only\n", agg(by_method)]
     text += [
         f"\n![regret per cell](figures/{stem}.png)\n",
     ]
@@ -404,10 +412,16 @@ def main(argv: list[str] | None = None) -> int:
     from transferkit.io import write_json
 
     write_json(out / "transfer-bench.json", {"records": records, "summary": summary})
-    for k, v in summary["methods"].items():
-        print(f"{k:>10}: mean regret {v['mean_regret']:.2f}, worst {v['worst_regret']:.2f} "
-              f"points; time / best fixed {v['mean_time_over_best']:.2f} (worst "
-              f"{v['worst_time_over_best']:.2f}) over {v['cells']} cells")  # fmt: skip
+    parts = [("", summary["methods"])]
+    for key, label in (("by_model", "{} only"), ("by_size", "{} images per class only")):
+        parts += [(label.format(g), by) for g, by in (summary.get(key) or {}).items()]
+    for title, by_method in parts:
+        if title:
+            print(title + ":")
+        for k, v in by_method.items():
+            print(f"{k:>10}: mean regret {v['mean_regret']:.2f}, worst {v['worst_regret']:.2f} "
+                  f"points; time / best fixed {v['mean_time_over_best']:.2f} (worst "
+                  f"{v['worst_time_over_best']:.2f}) over {v['cells']} cells")  # fmt: skip
     print(f"report written to {path}")
     return 1 if any(r.get("error") for r in records) else 0
 
