@@ -107,16 +107,19 @@ def test_halving_keeps_the_better_half_for_a_longer_round():
         return quality[blocks] + steps / 10_000, 100_000, float(1 + blocks), None
 
     blocks, trials, _ = halving([0, 4, 8, 17], run, budget_steps=160, fractions=(0.125, 0.5))
-    assert [c for c in calls if c[2] == 0] == [(0, 20, 0), (4, 20, 0), (8, 20, 0), (17, 20, 0)]
-    assert [c for c in calls if c[2] == 1] == [(4, 80, 1), (8, 80, 1)]
-    assert blocks == 4 and len(trials) == 6
+    # the deepest first (the shallower ones' cached prefixes go on from its features);
+    # reported in the order of the depths
+    assert [c for c in calls if c[2] == 0] == [(17, 20, 0), (8, 20, 0), (4, 20, 0), (0, 20, 0)]
+    assert [c for c in calls if c[2] == 1] == [(8, 80, 1), (4, 80, 1)]
+    order = [(0, 0), (0, 4), (0, 8), (0, 17), (1, 4), (1, 8)]
+    assert blocks == 4 and [(t.round, t.blocks) for t in trials] == order
     # one round, a floor on the steps, and never past the budget
     calls.clear()
     halving([0, 4], run, budget_steps=30, fractions=(0.1,), min_steps=10)
-    assert calls == [(0, 10, 0), (4, 10, 0)]
+    assert calls == [(4, 10, 0), (0, 10, 0)]
     calls.clear()
     halving([0, 4], run, budget_steps=30, fractions=(0.5, 0.9, 1.0), eta=4, min_steps=10)
-    assert calls == [(0, 15, 0), (4, 15, 0), (4, 27, 1)]
+    assert calls == [(4, 15, 0), (0, 15, 0), (4, 27, 1)]
 
 
 def test_rounds_end_where_the_run_validates_and_record_the_steps_trained():
@@ -136,7 +139,7 @@ def test_rounds_end_where_the_run_validates_and_record_the_steps_trained():
     assert [t.steps for t in trials if t.round == 1] == [64, 40]  # as trained
     calls.clear()
     halving([0, 4], run, budget_steps=100, fractions=(0.125, 0.5), snap=lambda s: 96)
-    assert calls == [(0, 96, 0), (4, 96, 0)]  # two rounds that end alike are one
+    assert calls == [(4, 96, 0), (0, 96, 0)]  # two rounds that end alike are one
 
 
 def test_round_steps_grow_even_when_the_floor_would_make_them_equal():
@@ -287,7 +290,13 @@ def test_auto_computes_each_candidates_prefix_once_and_ends_as_the_fixed_run(
     trials = auto["plan"]["measured"]["trials"]
     assert len({t["round"] for t in trials}) == 2  # a second round, and a final run, went on
     # train and val once per candidate depth, test once for the final run
-    assert len(computed) == 2 * len({t["blocks"] for t in trials}) + 1, computed
+    depths = len({t["blocks"] for t in trials})
+    assert len(computed) == 2 * depths + 1, computed
+    # the deepest candidate's from the images; each shallower one's frozen prefix starts
+    # with the deeper ones', and only its further modules ran, on their kept features
+    messages = [r.getMessage() for r in caplog.records]
+    went_on = [m for m in messages if "goes on from the features" in m]
+    assert len(went_on) == 2 * (depths - 1), went_on
     chosen = auto["plan"]["measured"]["blocks"]
     depth = f"finetune.trainable_blocks={chosen}"
     fixed_cfg = make_cfg(*tiny_overrides(folder, tmp_path / "fixed", "finetune=partial",

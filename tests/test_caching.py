@@ -4,6 +4,7 @@ that ends with the same metrics as the uncached one."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -174,3 +175,37 @@ def test_a_later_run_on_the_same_data_reuses_the_prefix_features(image_folder, t
     finetune(cfg("deeper", 1), dm)  # another depth, another prefix: computed, then kept too
     assert not [r for r in caplog.records if "reused" in r.getMessage()]
     assert len(dm.prefix_features) == 6
+
+
+@pytest.mark.parametrize("backbone", ["test_efficientnet", "test_resnet"])
+def test_a_longer_prefix_goes_on_from_a_shorter_ones_features_exactly(backbone):
+    """``finetune=auto`` races the deepest candidate first; a shallower one's frozen prefix
+    starts with its modules, so it runs only the modules after them on the kept features,
+    to the same outputs (the whole backbone included: its blocks, then forward_head)."""
+    from transferkit.caching import FeatureDataset, compute_features
+
+    model = ImageClassifier(backbone, num_classes=3, image_size=32).eval()
+    images = torch.utils.data.TensorDataset(torch.randn(10, 3, 32, 32), torch.arange(10) % 3)
+    short = Split(model.backbone, 2)
+    longer = Split(model.backbone, len(flat_modules(model.backbone) or []) - 1)
+    whole = Split(model.backbone, None)
+    assert whole.whole_backbone
+    x = images.tensors[0]
+    with torch.no_grad():
+        assert torch.equal(whole.prefix(x), model.backbone(x))
+    # each prefix's digests start with the shorter one's
+    assert longer.fingerprints()[:2] == short.fingerprints()
+    assert whole.fingerprints()[: len(longer._prefix)] == longer.fingerprints()
+    kept, labels = compute_features(short, images, 4, 2**30, Path("unused"), "train")
+    stem = next(m for m in short._prefix if any(True for _ in m.parameters()))
+    calls = []
+    hook = stem.register_forward_hook(lambda *_: calls.append(1))
+    for split in (longer, whole):
+        direct, direct_labels = compute_features(split, images, 4, 2**30, Path("unused"), "train")
+        calls.clear()
+        chained, chained_labels = compute_features(
+            split, FeatureDataset(kept, labels), 4, 2**30, Path("unused"), "train", start=2
+        )
+        assert not calls  # the first modules did not run again
+        assert torch.equal(chained, direct) and torch.equal(chained_labels, direct_labels)
+    hook.remove()

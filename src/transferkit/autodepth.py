@@ -23,7 +23,9 @@ The race composes with the rest of a run:
 - each candidate runs through :func:`transferkit.finetune.finetune`, so a shallow one
   trains on its cached frozen prefix (``finetune.cache_features``) and costs little, and
   the prefix is computed once per depth: the DataModule the runs share keeps it for the
-  candidate's next round and the final run (:mod:`transferkit.caching`);
+  candidate's next round and the final run (:mod:`transferkit.caching`); each round runs
+  the deepest candidate first, as a shallower one's frozen prefix starts with its blocks
+  and goes on from its kept features;
 - the random state is restored after the race, so the final run is the fixed-depth run;
 - under DDP rank 0 races on its device before the processes start and hands the decision
   down in the environment (:data:`ENV`); processes that an outside launcher started
@@ -252,7 +254,9 @@ def halving(
     paired: dict[tuple[int, int], Any] = {}
     for r, steps in enumerate(plan):
         last = []
-        for blocks in alive:
+        # the deepest first: its frozen prefix is the start of the shallower ones', whose
+        # cached features then go on from its own (transferkit.caching)
+        for blocks in sorted(alive, reverse=True):
             score, val_size, seconds, correct, *more = run(blocks, steps, r)
             steps_done = int(more[0]) if more else steps
             ended = bool(more[1]) if len(more) > 1 else False
@@ -260,6 +264,7 @@ def halving(
                               ended))  # fmt: skip
             if correct is not None:
                 paired[(blocks, r)] = correct
+        last.sort(key=lambda t: t.blocks)
         trials += last
         if len(alive) <= 1 or r == len(plan) - 1:
             break

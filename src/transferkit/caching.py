@@ -8,7 +8,9 @@ The outputs are also kept on the image DataModule (``prefix_features``), keyed b
 fingerprint of the prefix (its modules, parameters and buffers, and the device, memory format
 and float32 settings they run with: :meth:`Split.fingerprint`): a later run on the same
 DataModule with the same frozen prefix takes them instead of computing them again. That is
-``finetune=auto``: a candidate's next round and the winner's final run reuse its features.
+``finetune=auto``: a candidate's next round and the winner's final run reuse its features,
+and a shallower candidate, whose frozen prefix starts with a deeper one's, runs only its
+further modules on the deeper one's features (the race runs the deepest first).
 What is kept stays within ``finetune.cache_memory_gb`` (the oldest go first).
 """
 
@@ -71,8 +73,28 @@ def flat_modules(backbone: nn.Module) -> list[tuple[str, nn.Module]] | None:
     return out
 
 
+class _Head(nn.Module):
+    """The backbone's ``forward_head`` (global pooling; its classifier is an Identity, as the
+    model's own head is separate) as the last step of a whole-backbone prefix, so that the
+    prefix is the chain of blocks the partial prefixes start with."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        for name, child in backbone.named_children():
+            if name in HEAD_MODULES:  # also registered here: fingerprinted, set to eval
+                self.add_module(name, child)
+        self._backbone = [backbone]  # a list: not a submodule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # its dropout (drop_rate) follows the backbone's training flag; a backbone with a
+        # drop_rate is never cached whole (cache_decision)
+        return self._backbone[0].forward_head(x)  # type: ignore[operator]
+
+
 class Split(nn.Module):
-    """``backbone(x) == suffix(prefix(x))`` in eval mode; ``cut`` modules in the prefix.
+    """``backbone(x) == suffix(prefix(x))`` in eval mode; ``cut`` modules in the prefix
+    (``None``: the whole backbone, its blocks then its ``forward_head`` where the family is
+    a chain of blocks).
 
     Holds references to the backbone's own modules (not copies), so training the suffix
     trains the backbone.
@@ -81,20 +103,31 @@ class Split(nn.Module):
     def __init__(self, backbone: nn.Module, cut: int | None) -> None:
         super().__init__()
         self.whole_backbone = cut is None
-        modules = flat_modules(backbone) or []
+        chain = flat_modules(backbone)
+        modules = chain or []
         # lists, not registered submodules: the backbone owns the parameters
-        self._prefix = [m for _, m in modules[:cut]] if cut is not None else [backbone]
+        self._prefix: list[nn.Module]
+        if cut is not None:
+            self._prefix = [m for _, m in modules[:cut]]
+        elif chain is not None:
+            self._prefix = [m for _, m in chain] + [_Head(backbone)]
+        else:
+            self._prefix = [backbone]
         self._rest = [m for _, m in modules[cut:]] if cut is not None else []
         self._backbone = [backbone]
 
-    def fingerprint(self) -> str:
-        """A digest of what the prefix computes: each module's structure, parameters and
-        buffers, and how they are computed with (device, memory format, float32 matmul and
-        TF32 settings, which pick other kernels): same fingerprint, same outputs for the same
-        inputs in eval mode."""
+    def fingerprints(self) -> list[str]:
+        """A digest of what each initial part of the prefix computes, ``[k - 1]`` of its
+        first ``k`` modules: each module's structure, parameters and buffers, and how they
+        are computed with (device, memory format, float32 matmul and TF32 settings, which
+        pick other kernels): same fingerprint, same outputs for the same inputs in eval
+        mode. A prefix that starts with another's modules starts with its digests, so the
+        features kept for the shorter one can be taken further
+        (:class:`CachedFeatureDataModule`)."""
         h = hashlib.blake2b(digest_size=16)
         h.update(f"{torch.get_float32_matmul_precision()}:{torch.backends.cudnn.allow_tf32}:"
                  f"{torch.backends.cuda.matmul.allow_tf32}".encode())  # fmt: skip
+        out = []
         for i, m in enumerate(self._prefix):
             h.update(f"{i}:{m!r}".encode())
             for name, t in itertools.chain(m.named_parameters(), m.named_buffers()):
@@ -102,10 +135,17 @@ class Split(nn.Module):
                 h.update(f"{name}:{t.dtype}:{tuple(t.shape)}:{t.device}:{nhwc}".encode())
                 flat = t.detach().cpu().contiguous().reshape(-1)
                 h.update(flat.view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()
+            out.append(h.copy().hexdigest())
+        return out
 
-    def prefix(self, x: torch.Tensor) -> torch.Tensor:
-        for m in self._prefix:
+    def fingerprint(self) -> str:
+        """The digest of the whole prefix (:meth:`fingerprints`)."""
+        return self.fingerprints()[-1]
+
+    def prefix(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """The prefix's output; ``start``: ``x`` is the output of its first ``start``
+        modules."""
+        for m in self._prefix[start:]:
             x = m(x)
         return x
 
@@ -218,9 +258,11 @@ def compute_features(
     budget_bytes: float,
     disk_dir: Path,
     name: str,
+    start: int = 0,
 ) -> tuple[torch.Tensor | np.ndarray, torch.Tensor]:
     """Prefix outputs and labels of a whole dataset, in batches of ``batch_size`` (at most
-    ``CPU_CACHE_BATCH`` on a CPU).
+    ``CPU_CACHE_BATCH`` on a CPU); ``start``: the dataset holds the outputs of the prefix's
+    first ``start`` modules.
 
     float32 when it fits ``budget_bytes``, else float16, else a float16 memory-mapped file
     under ``disk_dir``.
@@ -230,7 +272,7 @@ def compute_features(
         batch_size = min(batch_size, CPU_CACHE_BATCH)
     loader = DataLoader(dataset, batch_size=batch_size, generator=own_generator())
     x0, y0 = next(iter(loader))
-    probe = split.prefix(x0[:1].to(device))
+    probe = split.prefix(x0[:1].to(device), start)
     n = len(dataset)  # type: ignore[arg-type]
     shape = (n, *probe.shape[1:])
     need = float(np.prod(shape)) * 4
@@ -254,7 +296,7 @@ def compute_features(
                  "float16 on disk" if isinstance(store, np.ndarray) else str(dtype))  # fmt: skip
         for x, y in tqdm(loader, desc=f"caching {name} features", leave=False):
             preemption.check()  # a stop request ends caching within one batch
-            f = split.prefix(x.to(device)).cpu()
+            f = split.prefix(x.to(device), start).cpu()
             if isinstance(store, np.ndarray):
                 store[i : i + len(x)] = f.numpy().astype(np.float16)
             else:
@@ -318,6 +360,7 @@ class CachedFeatureDataModule(L.LightningDataModule):
         self.datasets: dict[str, FeatureDataset] = {}
         self._device_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._fingerprint: str | None = None
+        self._fingerprints: list[str] = []
 
     @property
     def prefix_key(self) -> str | None:
@@ -327,12 +370,16 @@ class CachedFeatureDataModule(L.LightningDataModule):
     def _build(self, name: str) -> None:
         """Run the prefix over split ``name`` once, on the device the model is on by then.
         Each split is computed when first asked for: a run that does not test never
-        computes the test split's features (the prefix is frozen, so later is the same)."""
+        computes the test split's features (the prefix is frozen, so later is the same).
+        Where an earlier run on the DataModule kept the float32 features of a prefix this
+        one starts with (a deeper candidate of ``finetune=auto``), only the modules after
+        it run, on those features: the same computation, not repeated."""
         if name in self.datasets or not len(self.source.splits.get(name, ())):
             return
         store = getattr(self.source, "prefix_features", None)
         if store is not None and self._fingerprint is None:  # the prefix is frozen: once
-            self._fingerprint = self.split.fingerprint()
+            self._fingerprints = self.split.fingerprints()
+            self._fingerprint = self._fingerprints[-1]
         key = (name, self._fingerprint or "") if store is not None else None
         if store is not None and key in store:
             feats, labels = store.pop(key)
@@ -340,14 +387,28 @@ class CachedFeatureDataModule(L.LightningDataModule):
             log.info("%s features of this frozen prefix reused from an earlier run", name)
             self.datasets[name] = FeatureDataset(feats, labels)
             return
+        start, kept = 0, None
+        if store is not None:  # the longest kept start of this prefix, exact (float32) only
+            for k in range(len(self._fingerprints) - 1, 0, -1):
+                kept = store.get((name, self._fingerprints[k - 1]))
+                if kept is not None and kept[0].dtype == torch.float32:
+                    start = k
+                    break
+                kept = None
         was_training = [m.training for m in self.split._prefix]
         for m in self.split._prefix:
             m.eval()
         try:
-            images = self.source.image_dataset(name, train=name == "train")
+            if kept is not None:
+                log.info("%s features: the frozen prefix goes on from the features kept for "
+                         "its first %d modules", name, start)  # fmt: skip
+                source: Dataset = FeatureDataset(*kept)
+            else:
+                source = self.source.image_dataset(name, train=name == "train")
             feats, labels = compute_features(
-                self.split, images, self.source.batch_size, self.budget, self.disk_dir, name
-            )
+                self.split, source, self.source.batch_size, self.budget, self.disk_dir, name,
+                start,
+            )  # fmt: skip
             self.datasets[name] = FeatureDataset(feats, labels)
             if store is not None and key is not None:
                 keep(store, key, feats, labels, self.budget)
