@@ -68,6 +68,9 @@ def test_cache_decision_rules():
     deep = ImageClassifier("test_efficientnet", num_classes=3, image_size=32, drop_path_rate=0.2)
     split, why = _decide(deep, Plan("partial", n, 2))
     assert split is None and "DropPath" in why
+    # named within the backbone, as a user finds them (blocks.<stage>.<block>.drop_path)
+    split, why = _decide(deep, Plan("linear_probe", n, 0))
+    assert split is None and "blocks.1.0.drop_path (DropPath" in why, why
     vit = ImageClassifier("test_vit", num_classes=3, image_size=32)
     split, why = _decide(vit, Plan("partial", vit.num_blocks, 2))
     assert split is None and "VisionTransformer" in why
@@ -209,3 +212,40 @@ def test_a_longer_prefix_goes_on_from_a_shorter_ones_features_exactly(backbone):
         assert not calls  # the first modules did not run again
         assert torch.equal(chained, direct) and torch.equal(chained_labels, direct_labels)
     hook.remove()
+
+
+def test_a_run_goes_on_from_the_longest_exact_features_kept_for_its_prefix():
+    """Of the features kept on the data module for prefixes this one starts with, the
+    longest float32 ones are taken (float16 ones would round), with their labels, and the
+    images are not read again."""
+    from types import SimpleNamespace
+
+    from transferkit.caching import CachedFeatureDataModule, compute_features
+
+    model = ImageClassifier("test_efficientnet", num_classes=3, image_size=32).eval()
+    images = torch.utils.data.TensorDataset(torch.randn(10, 3, 32, 32), torch.arange(10) % 3)
+    split = Split(model.backbone, 4)
+
+    def kept(cut):
+        return compute_features(Split(model.backbone, cut), images, 4, 2**30, Path("u"), "train")
+
+    one, two, three = kept(1), kept(2), kept(3)
+    labels = torch.tensor([2, 1, 0, 2, 1, 0, 2, 1, 0, 2])  # only the kept entry has these
+    store = {
+        ("train", Split(model.backbone, 1).fingerprint()): one,
+        ("train", Split(model.backbone, 2).fingerprint()): (two[0], labels),
+        ("train", Split(model.backbone, 3).fingerprint()): (three[0].half(), three[1]),
+        ("val", Split(model.backbone, 3).fingerprint()): three,  # another split's
+    }
+
+    def no_images(*_, **__):
+        raise AssertionError("the images were read again")
+
+    source = SimpleNamespace(splits={"train": images}, prefix_features=store, batch_size=4,
+                             image_dataset=no_images)  # fmt: skip
+    dm = CachedFeatureDataModule(source, split, budget_gb=1.0, disk_dir=Path("u"))
+    dm._build("train")
+    direct, _ = compute_features(split, images, 4, 2**30, Path("u"), "train")
+    assert torch.equal(dm.datasets["train"].features, direct)
+    assert torch.equal(dm.datasets["train"].labels, labels)  # from the entry it went on from
+    assert ("train", split.fingerprint()) in store  # kept in turn for a later run

@@ -109,10 +109,13 @@ class Split(nn.Module):
         self._prefix: list[nn.Module]
         if cut is not None:
             self._prefix = [m for _, m in modules[:cut]]
+            self._names = [n for n, _ in modules[:cut]]
         elif chain is not None:
             self._prefix = [m for _, m in chain] + [_Head(backbone)]
+            self._names = [n for n, _ in chain] + [""]  # the head's children: their own names
         else:
             self._prefix = [backbone]
+            self._names = [""]
         self._rest = [m for _, m in modules[cut:]] if cut is not None else []
         self._backbone = [backbone]
 
@@ -172,12 +175,15 @@ def find_cut(backbone: nn.Module, trainable: set[str]) -> int | None:
     return len(modules)
 
 
-def random_modules(modules: list[nn.Module]) -> list[str]:
+def random_modules(modules: list[nn.Module], names: list[str] | None = None) -> list[str]:
     """Modules among ``modules`` (and inside them) that are random in training: dropout of
-    any kind with ``p > 0``, stochastic depth and DropBlock with ``drop_prob > 0``."""
+    any kind with ``p > 0``, stochastic depth and DropBlock with ``drop_prob > 0``; named
+    within the backbone where ``names`` gives each of ``modules``' name there."""
     found = []
-    for top in modules:
-        for name, m in top.named_modules():
+    for i, top in enumerate(modules):
+        base = names[i] if names else ""
+        for sub, m in top.named_modules():
+            name = ".".join(part for part in (base, sub) if part)
             if isinstance(m, nn.modules.dropout._DropoutNd):
                 rate = m.p
             elif isinstance(m, (DropPath, DropBlock2d)):
@@ -231,7 +237,7 @@ def cache_decision(
             else:
                 split = Split(backbone, cut)
     if split is not None:  # what is cached must not be random in training
-        random = random_modules(split._prefix)
+        random = random_modules(split._prefix, split._names)
         # EfficientNet and ResNet apply their drop_rate functionally, in forward_head
         drop_rate = float(getattr(backbone, "drop_rate", 0.0) or 0.0)
         if split.whole_backbone and drop_rate > 0:
@@ -390,9 +396,11 @@ class CachedFeatureDataModule(L.LightningDataModule):
         start, kept = 0, None
         if store is not None:  # the longest kept start of this prefix, exact (float32) only
             for k in range(len(self._fingerprints) - 1, 0, -1):
-                kept = store.get((name, self._fingerprints[k - 1]))
+                found = (name, self._fingerprints[k - 1])
+                kept = store.get(found)
                 if kept is not None and kept[0].dtype == torch.float32:
                     start = k
+                    store[found] = store.pop(found)  # the most recently used goes last
                     break
                 kept = None
         was_training = [m.training for m in self.split._prefix]
