@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all lint format finetune evaluate predict export sweep-depth clean lr-find gpu-check gpu-bench transfer-bench bench experiments wheel data-multilabel data-dev
+.PHONY: help install test test-slow test-all lint format finetune evaluate predict export sweep-depth clean lr-find gpu-check gpu-bench transfer-bench bench experiments wheel data-multilabel data-dev
 
 SWEEP_DIR ?= multirun/sweep-depth
 SWEEP_SMALL ?= 10,100
@@ -29,8 +29,11 @@ install: ## Create .venv and install transferkit, its dev tools and the offline 
 wheel: ## Build the wheel (configs inside) into dist/
 	$(PY) -m pip wheel --no-deps -w dist .
 
-test: ## Run the fast test suite (no network, a few minutes on 2 cores)
+test: ## Run the fast test suite (no network; under 10 minutes on 2 cores)
 	$(PY) -m pytest -m "not slow and not gpu" -q
+
+test-slow: ## Run the slow tests only (DDP processes, the installed wheel, torch.compile); CI runs them
+	$(PY) -m pytest -m "slow and not gpu" -q
 
 test-all: ## Run every test that needs no GPU, slow ones included
 	$(PY) -m pytest -m "not gpu" -q
