@@ -32,7 +32,7 @@ wheel: ## Build the wheel (configs inside) into dist/
 test: ## Run the fast test suite (no network; under 10 minutes on 2 cores)
 	$(PY) -m pytest -m "not slow and not gpu" -q
 
-test-slow: ## Run the slow tests only (DDP processes, the installed wheel, torch.compile); CI runs them
+test-slow: ## Run the slow tests only (DDP processes, the installed-wheel probe, torch.compile, an Optuna sweep, the quick experiments report); CI runs them
 	$(PY) -m pytest -m "slow and not gpu" -q
 
 test-all: ## Run every test that needs no GPU, slow ones included

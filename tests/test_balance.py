@@ -120,7 +120,7 @@ def test_a_monitor_the_task_does_not_log_or_the_wrong_mode(extra, says, image_fo
     assert says in str(e.value)
 
 
-@pytest.mark.slow  # processes of a DDP run: `make test-all` (CI) runs it
+@pytest.mark.slow  # processes of a DDP run: `make test-slow` (CI) runs it
 def test_the_weighted_sampler_in_a_two_process_ddp_run(tmp_path):
     """Two CPU processes (gloo) with data.balance=sampler: each rank trains on its own
     disjoint share of one weighted draw per epoch, and together they draw the classes

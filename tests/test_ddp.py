@@ -25,7 +25,7 @@ def _run(out: Path, devices: int, regime: str, *flags: str) -> dict[str, dict]:
     return {p.stem: torch.load(p, weights_only=True) for p in out.glob("*.pt")}
 
 
-@pytest.mark.slow  # processes of a DDP run: `make test-all` (CI) runs it
+@pytest.mark.slow  # processes of a DDP run: `make test-slow` (CI) runs it
 @pytest.mark.parametrize("regime", ["gradual", "partial"])
 def test_ddp_replicas_identical_and_equal_to_single_process(regime, tmp_path):
     ddp = _run(tmp_path / "ddp", 2, regime)
@@ -44,7 +44,7 @@ def test_ddp_replicas_identical_and_equal_to_single_process(regime, tmp_path):
     assert trained and all(not torch.equal(start[k], end0[k]) for k in trained)
 
 
-@pytest.mark.slow  # processes of a DDP run: `make test-all` (CI) runs it
+@pytest.mark.slow  # processes of a DDP run: `make test-slow` (CI) runs it
 def test_without_late_sync_replicas_drift_after_unfreeze(tmp_path):
     """What Lightning's BackboneFinetuning does under DDP: the test above would catch it."""
     ddp = _run(tmp_path / "nosync", 2, "gradual", "nosync")
@@ -55,7 +55,7 @@ def test_without_late_sync_replicas_drift_after_unfreeze(tmp_path):
     assert all(torch.equal(ddp["end_rank0"][k], ddp["end_rank1"][k]) for k in head)
 
 
-@pytest.mark.slow  # processes of a DDP run: `make test-all` (CI) runs it
+@pytest.mark.slow  # processes of a DDP run: `make test-slow` (CI) runs it
 @pytest.mark.parametrize("order", ["fixed", "late_sync_after_unscale"])
 def test_fp16_overflow_on_one_rank_after_unfreeze_is_skipped_by_all(order, tmp_path):
     """With a gradient scaler (16-mixed), rank 1 alone overflows in a late-unfrozen parameter.

@@ -47,7 +47,7 @@ def test_multirun_guard(trainer, relaunch):
     check_multirun(trainer, multirun=False)
 
 
-@pytest.mark.slow  # processes of a DDP run: `make test-all` (CI) runs it
+@pytest.mark.slow  # processes of a DDP run: `make test-slow` (CI) runs it
 def test_cli_ddp_cpu_one_run_dir_one_summary(tmp_path):
     """`transferkit-finetune trainer=ddp_cpu` from the command line, as `make finetune
     ARGS="trainer=ddp_cpu"` runs it: both ranks share one Hydra run directory.
@@ -79,7 +79,7 @@ def test_cli_ddp_cpu_one_run_dir_one_summary(tmp_path):
     assert (budget["devices"], budget["global_batch"], budget["steps_per_epoch"]) == (2, 10, 1)
 
 
-@pytest.mark.slow  # processes of a DDP run: `make test-all` (CI) runs it
+@pytest.mark.slow  # processes of a DDP run: `make test-slow` (CI) runs it
 def test_cli_ddp_cpu_auto_races_once_and_every_rank_takes_its_depth(tmp_path):
     """`finetune=auto` under 2-process DDP: rank 0 races on one device before the processes
     start; the process Lightning starts takes its decision from the environment instead of

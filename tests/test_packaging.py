@@ -51,7 +51,7 @@ def _run(site: Path, cwd: Path, *cmd: str) -> subprocess.CompletedProcess:
                           timeout=300)  # fmt: skip
 
 
-@pytest.mark.slow  # builds and installs the wheel: `make test-all` (CI) runs it
+@pytest.mark.slow  # builds and installs the wheel: `make test-slow` (CI) runs it
 def test_the_installed_wheel_is_what_runs_and_it_finds_its_configs(installed, tmp_path):
     probe = (
         "import transferkit, transferkit.cli as c; print(transferkit.__file__); print(c.CONFIG_DIR)"

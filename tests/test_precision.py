@@ -173,7 +173,7 @@ def test_a_measured_choice_reaches_the_trainer_and_the_model(
     assert summary["test_acc"] is not None
 
 
-@pytest.mark.slow  # torch.compile on the CPU: `make test-all` (CI) runs it
+@pytest.mark.slow  # torch.compile on the CPU: `make test-slow` (CI) runs it
 def test_compile_counts_its_graphs_and_each_unfreeze_adds_them(image_folder, tmp_path,
                                                                make_cfg) -> None:  # fmt: skip
     """The eager backend traces as inductor would (no C compiler needed): a gradual plan

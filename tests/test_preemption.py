@@ -232,7 +232,7 @@ def _ddp_cli(out, root, *extra):
     )  # fmt: skip
 
 
-@pytest.mark.slow  # processes of a DDP run: `make test-all` (CI) runs it
+@pytest.mark.slow  # processes of a DDP run: `make test-slow` (CI) runs it
 def test_sigterm_under_ddp_stops_every_rank_at_the_same_batch(tmp_path):
     """Two processes (gloo); SIGTERM reaches rank 1 alone. Lightning 2.6's own handling left
     the ranks waiting for each other; here both stop after the same step, save one

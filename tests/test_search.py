@@ -18,7 +18,7 @@ from .conftest import write_images
 pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
 
 
-@pytest.mark.slow  # an Optuna sweep of two trials: `make test-all` (CI) runs it
+@pytest.mark.slow  # an Optuna sweep of two trials: `make test-slow` (CI) runs it
 def test_a_two_trial_optuna_search_on_a_tiny_model(tmp_path):
     write_images(tmp_path / "images", ["a", "b", "c"], per_class=10)
     sweep = tmp_path / "sweep"
