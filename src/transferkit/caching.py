@@ -342,6 +342,14 @@ def keep(
     return True
 
 
+def used(
+    store: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]], key: tuple[str, str]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``store[key]``, moved last: the most recently used is the last that ``keep`` drops."""
+    store[key] = entry = store.pop(key)
+    return entry
+
+
 class FeatureDataset(Dataset):
     def __init__(self, features: torch.Tensor | np.ndarray, labels: torch.Tensor) -> None:
         self.features, self.labels = features, labels
@@ -388,8 +396,7 @@ class CachedFeatureDataModule(L.LightningDataModule):
             self._fingerprint = self._fingerprints[-1]
         key = (name, self._fingerprint or "") if store is not None else None
         if store is not None and key in store:
-            feats, labels = store.pop(key)
-            store[key] = (feats, labels)  # the most recently used goes last
+            feats, labels = used(store, key)
             log.info("%s features of this frozen prefix reused from an earlier run", name)
             self.datasets[name] = FeatureDataset(feats, labels)
             return
@@ -399,8 +406,7 @@ class CachedFeatureDataModule(L.LightningDataModule):
                 found = (name, self._fingerprints[k - 1])
                 kept = store.get(found)
                 if kept is not None and kept[0].dtype == torch.float32:
-                    start = k
-                    store[found] = store.pop(found)  # the most recently used goes last
+                    start, kept = k, used(store, found)
                     break
                 kept = None
         was_training = [m.training for m in self.split._prefix]
