@@ -395,10 +395,9 @@ class CachedFeatureDataModule(L.LightningDataModule):
             self._fingerprints = self.split.fingerprints()
             self._fingerprint = self._fingerprints[-1]
         key = (name, self._fingerprint or "") if store is not None else None
-        if store is not None and key in store:
-            feats, labels = used(store, key)
+        if store is not None and key is not None and key in store:
             log.info("%s features of this frozen prefix reused from an earlier run", name)
-            self.datasets[name] = FeatureDataset(feats, labels)
+            self.datasets[name] = FeatureDataset(*used(store, key))
             return
         start, kept = 0, None
         if store is not None:  # the longest kept start of this prefix, exact (float32) only
