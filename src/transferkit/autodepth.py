@@ -275,6 +275,23 @@ def halving(
     return chosen.blocks, trials, why
 
 
+def snapper(val_every: int | None, per_epoch: int, epochs_of: Callable[[int], int],
+            min_steps: int) -> Callable[[int], int]:  # fmt: skip
+    """The round end :func:`halving` trains to: the whole run's validation (every
+    ``val_every`` epochs of ``per_epoch`` steps) nearest the round's share of the budget, and
+    no fewer than ``min_steps``; unmoved when the run validates only at its end
+    (``val_every`` None) or the round is shorter than an epoch."""
+
+    def snap(steps: int) -> int:
+        if not val_every or steps < per_epoch:
+            return steps
+        every = val_every * per_epoch
+        snapped = max(1, math.floor(epochs_of(steps) / val_every + 0.5)) * every
+        return snapped if snapped >= min_steps else math.ceil(min_steps / every) * every
+
+    return snap
+
+
 class ValRecorder(Callback):
     """A Lightning callback that keeps, for the best validation so far (the most images
     right; the first of equals, as the best checkpoint is), whether each validation image
@@ -494,13 +511,7 @@ def race(cfg: Any, total_blocks: int, prior_blocks: int, budget_steps: int,
         if budget_epochs % val_every:  # the run's last epoch is not validated: rounds are
             val_every = None  # scored once, at their end (the final run then differs)
     min_steps = int(settings.get("min_steps", 10))
-
-    def snap(steps: int) -> int:  # the whole run's validation nearest the round's end
-        if not val_every or steps < per_epoch:
-            return steps
-        every = val_every * per_epoch
-        snapped = max(1, math.floor(epochs_of(steps) / val_every + 0.5)) * every
-        return snapped if snapped >= min_steps else math.ceil(min_steps / every) * every
+    snap = snapper(val_every, per_epoch, epochs_of, min_steps)
 
     def run(blocks: int, steps: int, rnd: int) -> tuple[Any, ...]:
         if blocks in finished:  # early stopping ended it: its result stands, at no cost

@@ -5,6 +5,8 @@ resolutions? The regret of each way to choose the depth, in one command.
     python -m transferkit.transfer_bench --quick   # Lite0 at 64 px, 10 and 100 per class, 1 seed
     python -m transferkit.transfer_bench --data textures --sizes 10 --seeds 1 2 3
     python -m transferkit.transfer_bench -- trainer.accelerator=cpu   # overrides for every run
+    python -m transferkit.transfer_bench --replay 0.125,0.5 0.125,0.75 \
+        --replay-table docs/tables/transfer-bench-lite2.csv   # the race replayed, no training
 
 For every cell (data set × images per class × backbone@resolution) and seed it trains:
 
@@ -21,17 +23,21 @@ Regret is the test accuracy, in points, below the best fixed depth in hindsight 
 method's mean over the seeds). The report gives every cell, the mean and worst regret over
 the grid, and each method's wall time against the best fixed depth's. Runs that finished
 are reused (``--rerun`` repeats them), so an interrupted bench continues where it stopped.
-Data: Animal-MNIST and the development sets of ``make data-dev`` (textures, glyphs); no
-held-out data set is in the grid.
+``--replay`` reads the race's choice under other rounds off the fixed runs' validation
+curves (:func:`replay`). Data: Animal-MNIST and the development sets of ``make data-dev``
+(textures, glyphs); no held-out data set is in the grid.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
 import math
 import statistics
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,7 +158,7 @@ def bench(cells: list[Cell], methods: list[str], seeds: list[int], out: Path, de
                     measured = (s.get("plan") or {}).get("measured") or {}
                     rec.update(test_acc=s.get("test_acc"), blocks=s.get("trainable_blocks"),
                                total_blocks=s.get("total_blocks"),
-                               decision_seconds=measured.get("seconds"))  # fmt: skip
+                               decision_seconds=measured.get("seconds"), **curve(s))  # fmt: skip
                     how = "reused" if r.get("reused") else f"{r['seconds']:.0f} s"
                     print(f"    test acc {s.get('test_acc'):.4f}, {s.get('trainable_blocks')} "
                           f"blocks, {how}", flush=True)  # fmt: skip
@@ -161,6 +167,21 @@ def bench(cells: list[Cell], methods: list[str], seeds: list[int], out: Path, de
                     print(f"    failed: {r.get('error')}", flush=True)
                 records.append(rec)
     return records
+
+
+def curve(s: dict[str, Any]) -> dict[str, Any]:
+    """What a run's ``summary.json`` says of its training, for :func:`replay`: its
+    validations (step, accuracy), the budget, the steps it trained, whether early stopping
+    ended it, and its fit seconds."""
+    budget = (s.get("plan") or {}).get("budget") or {}
+    return {
+        "val_curve": [[int(h["step"]), round(float(h["val_acc"]), 6)]
+                      for h in s.get("history") or () if h.get("val_acc") is not None],
+        "budget_steps": budget.get("steps"), "steps_per_epoch": budget.get("steps_per_epoch"),
+        "steps": s.get("global_steps"), "val_size": s.get("val_size"),
+        "stopped": bool((s.get("early_stopping") or {}).get("stopped")),
+        "fit_seconds": s.get("fit_seconds"),
+    }  # fmt: skip
 
 
 def summarize(records: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
@@ -225,8 +246,201 @@ def aggregate(cells: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]
     return out
 
 
+#: The race's default candidates (``finetune.race.candidates``), as the bench's fixed depths.
+RACED = ("depth=0", "depth=1/4", "depth=1/2")
+
+
+class NotReplayable(Exception):
+    """A cell and seed whose race the fixed runs cannot tell."""
+
+
+#: What :func:`replay` needs of each fixed run (:func:`curve`).
+NEEDED = ("val_curve", "budget_steps", "steps_per_epoch", "steps", "val_size", "fit_seconds")
+
+
+def replay(records: list[dict[str, Any]], fractions: Sequence[float], z: float = 1.0,
+           eta: int = 2, min_steps: int = 10,
+           candidates: Sequence[str] = RACED) -> dict[str, Any]:  # fmt: skip
+    """What ``finetune=auto``'s race would have chosen with other rounds (``fractions``,
+    ``z``, ``eta``, ``min_steps``: ``finetune.race``'s), replayed from the fixed-depth runs of
+    each cell and seed, without training.
+
+    Going on from its checkpoints (the default with a constant LR on one device), a
+    candidate's rounds are the first steps of the fixed run at its depth, validated where
+    that run validates; so its score at a round's end is that run's best validation up to
+    there, and early stopping ends it where it ended that run. The decision is
+    :func:`autodepth.halving`'s own, with the independent error of the two scores: the fixed
+    runs keep no per-image record, so "within noise" is a little wider than the race's
+    paired error. The chosen depth's test accuracy is its fixed run's (the race's winner
+    goes on to be that run). It assumes the bench's settings: the runs monitor ``val/acc``
+    (the curves are of accuracy) and the race would go on from its checkpoints; give
+    ``candidates`` as the race's.
+
+    Returns, per cell (over the seeds it replayed): the depths chosen (blocks, per seed),
+    the mean test accuracy and its regret against the best fixed depth over the same seeds,
+    and the training seconds over the best fixed depth's, with the depth the real ``auto``
+    run chose where the records hold one; the mean and worst over the cells; and the cells
+    and seeds it could not replay, with the reason. The seconds are an estimate: each
+    fixed run's fit seconds spread evenly over its steps, so one-off costs (the frozen
+    prefix's features, the first validation) of a candidate that leaves the race early are
+    undercounted, and the candidates' start-up is left out.
+
+    Raises:
+        ConfigError: ``fractions`` that are no race's rounds.
+    """
+    from transferkit.autodepth import halving, round_steps, snapper
+
+    round_steps(1000, fractions, min_steps)  # the race's own check of the rounds
+    runs: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
+    actual: dict[tuple[str, int], Any] = {}
+    for r in records:
+        if r.get("test_acc") is None:
+            continue
+        runs.setdefault((r["cell"], r["seed"]), {})[r["method"]] = r
+        if r["method"] == "auto":
+            actual[(r["cell"], r["seed"])] = r.get("blocks")
+    cells: dict[str, dict[str, Any]] = {}
+    skipped: list[str] = []
+    for (name, seed), every_method in sorted(runs.items()):
+        by = {m: every_method[m] for m in candidates if m in every_method}
+        try:
+            missing = [m for m in candidates if m not in by or not by[m].get("val_curve")]
+            if missing:
+                raise NotReplayable(f"no validation curve of {', '.join(missing)}")
+            unknown = sorted({k for r in by.values() for k in NEEDED if r.get(k) is None})
+            if unknown:
+                raise NotReplayable(f"its runs do not say their {', '.join(unknown)}")
+            chosen, fit, fixed = _replay_one(by, fractions, z, eta, min_steps, halving, snapper)
+        except NotReplayable as e:
+            skipped.append(f"{name} seed {seed}: {e}")
+            continue
+        c = cells.setdefault(name, {"blocks": [], "acc": [], "fit": [], "actual": [],
+                                    "fixed": {}})  # fmt: skip
+        c["blocks"].append(chosen)
+        c["acc"].append(float(fixed[chosen]["test_acc"]))
+        c["fit"].append(fit)
+        c["actual"].append(actual.get((name, seed)))
+        for m, r in every_method.items():  # every fixed depth of this seed, for the best
+            if m in DEPTHS:
+                c["fixed"].setdefault(m, []).append(r)
+    out: dict[str, Any] = {"cells": {}, "skipped": skipped}
+    for name, c in cells.items():
+        seeds = len(c["acc"])
+        fixed_runs = {m: rs for m, rs in c["fixed"].items() if len(rs) == seeds}
+        best = max(fixed_runs, key=lambda m: statistics.fmean(r["test_acc"] for r in fixed_runs[m]))
+        best_acc = statistics.fmean(r["test_acc"] for r in fixed_runs[best])
+        best_fit = [float(r["fit_seconds"]) for r in fixed_runs[best]
+                    if r.get("fit_seconds") is not None]  # fmt: skip
+        acc = statistics.fmean(c["acc"])
+        out["cells"][name] = {
+            "blocks": c["blocks"], "actual": c["actual"], "acc": acc, "seeds": seeds,
+            "regret": (best_acc - acc) * 100, "best_fixed": best,
+            "fit_over_best": (statistics.fmean(c["fit"]) / statistics.fmean(best_fit)
+                              if len(best_fit) == seeds else float("nan")),
+        }  # fmt: skip
+    if out["cells"]:
+        regrets = [c["regret"] for c in out["cells"].values()]
+        fits = [c["fit_over_best"] for c in out["cells"].values()]
+        out.update(mean_regret=statistics.fmean(regrets), worst_regret=max(regrets),
+                   mean_fit_over_best=statistics.fmean(fits),
+                   worst_fit_over_best=max(fits))  # fmt: skip
+    return out
+
+
+def _replay_one(by: dict[str, dict[str, Any]], fractions: Sequence[float], z: float, eta: int,
+                min_steps: int, halving: Any,
+                snapper: Any) -> tuple[int, float, dict[int, dict[str, Any]]]:  # fmt: skip
+    """One cell and seed's race, from its fixed runs ``by`` (method → record): the blocks
+    chosen, the seconds the race and the winner's run train, and the runs by blocks."""
+    first = next(iter(by.values()))
+    budget, per_epoch = int(first["budget_steps"]), int(first["steps_per_epoch"])
+    every = min(int(r["val_curve"][0][0]) for r in by.values())
+    if every % per_epoch or math.ceil(budget / per_epoch) % (every // per_epoch):
+        raise NotReplayable("its runs do not validate on whole epochs up to the budget, so "
+                            "the race scores its rounds at their ends only")  # fmt: skip
+    fixed = {int(r["blocks"]): r for r in by.values()}
+    reached: dict[int, int] = {}
+
+    def run(blocks: int, steps: int, rnd: int) -> tuple[Any, ...]:
+        r = fixed[blocks]
+        done = min(steps, int(r["steps"]))
+        finished = bool(r["stopped"]) and int(r["steps"]) <= steps
+        if not finished and steps % every:
+            raise NotReplayable(f"a round of {steps} steps ends between validations")
+        seen = [acc for step, acc in r["val_curve"] if step <= done]
+        if not seen:
+            raise NotReplayable(f"a round of {steps} steps ends before the first validation")
+        reached[blocks] = max(reached.get(blocks, 0), done)
+        return max(seen), int(r["val_size"]), 0.0, None, done, finished
+
+    def epochs_of(steps: int) -> int:  # policy.epochs_for_steps on one device
+        return max(1, math.ceil(steps / per_epoch))
+
+    snap = snapper(every // per_epoch, per_epoch, epochs_of, min_steps)
+    chosen, _, _ = halving(sorted(fixed), run, budget, fractions, eta, min_steps, z, snap)
+    reached[chosen] = int(fixed[chosen]["steps"])  # the winner goes on to its end
+    fit = sum(float(fixed[b]["fit_seconds"]) / max(1, int(fixed[b]["steps"])) * n
+              for b, n in reached.items())  # fmt: skip
+    return chosen, fit, fixed
+
+
 def _f(v: Any, fmt: str = ".3f") -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+
+#: The columns of the report's table of runs (``docs/tables/<report>.csv``): enough to replay
+#: the race from it (:func:`replay`, ``--replay-table``).
+CSV_COLUMNS = ["cell", "method", "seed", "test_acc", "blocks", "total_blocks", "seconds",
+               "decision_seconds", "budget_steps", "steps_per_epoch", "steps", "stopped",
+               "val_size", "fit_seconds", "val_curve"]  # fmt: skip
+
+
+def _csv_value(v: Any) -> Any:
+    if isinstance(v, list):  # the validation curve: "step:accuracy ..."
+        return " ".join(f"{step}:{acc}" for step, acc in v)
+    return v
+
+
+def read_table(path: Path) -> list[dict[str, Any]]:
+    """The runs of a report's table (:data:`CSV_COLUMNS`; an older table has fewer), as
+    :func:`bench` gives them."""
+    import csv
+
+    try:
+        rows = list(csv.DictReader(path.read_text(encoding="utf-8").splitlines()))
+    except OSError as e:
+        raise ConfigError(f"--replay-table {str(path)!r}: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--replay-table {str(path)!r} is not a text table ({e.reason}): "
+                          "give docs/tables/<report>.csv") from e  # fmt: skip
+    ints = ("seed", "blocks", "total_blocks", "budget_steps", "steps_per_epoch", "steps",
+            "val_size")  # fmt: skip
+    floats = ("test_acc", "seconds", "decision_seconds", "fit_seconds")
+    out = []
+    for line, row in enumerate(rows, 2):
+        if not row.get("cell") or not row.get("method") or not row.get("seed"):
+            raise ConfigError(f"--replay-table {str(path)!r} is not a transfer-bench table: "
+                              "give docs/tables/<report>.csv")  # fmt: skip
+        rec: dict[str, Any] = {"cell": row["cell"], "method": row["method"]}
+        for k, v in row.items():
+            if k in rec or k is None or v in (None, ""):
+                continue
+            try:
+                if k in ints:
+                    rec[k] = int(float(v))
+                elif k in floats:
+                    rec[k] = float(v)
+                elif k == "stopped":
+                    rec[k] = v == "True"
+                elif k == "val_curve":
+                    rec[k] = [[int(a), float(b)] for a, b in (p.split(":") for p in v.split())]
+                else:
+                    rec[k] = v
+            except ValueError as e:
+                raise ConfigError(f"--replay-table {str(path)!r}, line {line}: {k}={v!r} is "
+                                  f"not what the bench writes ({e})") from e  # fmt: skip
+        out.append(rec)
+    return out
 
 
 def write_report(summary: dict[str, Any], records: list[dict[str, Any]], methods: list[str],
@@ -258,12 +472,11 @@ def write_report(summary: dict[str, Any], records: list[dict[str, Any]], methods
              f"{v['mean_time_over_best']:.2f}", f"{v['worst_time_over_best']:.2f}"]
             for k, v in by_method.items()])  # fmt: skip
 
-    save_csv(path.parent / "tables" / f"{stem}.csv",
-             ["cell", "method", "seed", "test_acc", "blocks", "total_blocks", "seconds",
-              "decision_seconds"],
-             [[r["cell"], r["method"], r["seed"], r.get("test_acc"), r.get("blocks"),
-               r.get("total_blocks"), r.get("seconds"), r.get("decision_seconds")]
-              for r in records])  # fmt: skip
+    save_csv(
+        path.parent / "tables" / f"{stem}.csv",
+        CSV_COLUMNS,
+        [[_csv_value(r.get(k)) for k in CSV_COLUMNS] for r in records],
+    )
     plot(summary, methods, fig_dir / f"{stem}.png")
     failed = [r for r in records if r.get("error")]
     seeds = sorted({r["seed"] for r in records})
@@ -354,7 +567,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rerun", action="store_true", help="ignore the results of earlier runs")
     p.add_argument("--finished-only", action="store_true",
                    help="run nothing: report the runs of the grid that finished")  # fmt: skip
+    p.add_argument("--replay", nargs="+", metavar="SHARES",
+                   help="run nothing: replay the race from the fixed depths' runs with other "
+                   "rounds, each a comma-separated finetune.race.fractions, e.g. 0.125,0.5 "
+                   "0.125,1")  # fmt: skip
+    p.add_argument("--replay-table", type=Path, metavar="CSV",
+                   help="replay from a report's table (docs/tables/<report>.csv) instead of "
+                   "the run folders")  # fmt: skip
+    p.add_argument("--replay-z", type=float, help="finetune.race.z of the replay (default 1)")
     args = p.parse_args(argv)
+    if args.replay:
+        return replay_main(args, argv, user)
+    if args.replay_table is not None or args.replay_z is not None:
+        print("error: --replay-table and --replay-z go with --replay (the rounds to replay, "
+              "e.g. --replay 0.125,0.5); without it the grid is trained.",
+              file=sys.stderr)  # fmt: skip
+        return 2
     if args.finished_only and args.rerun:
         print("error: --finished-only reports earlier runs and --rerun ignores them: give one.",
               file=sys.stderr)  # fmt: skip
@@ -424,6 +652,66 @@ def main(argv: list[str] | None = None) -> int:
                   f"{v['worst_time_over_best']:.2f}) over {v['cells']} cells")  # fmt: skip
     print(f"report written to {path}")
     return 1 if any(r.get("error") for r in records) else 0
+
+
+def replay_main(args: argparse.Namespace, argv: list[str], user: list[str]) -> int:
+    """``--replay``: the race's choices with other rounds, from finished runs."""
+    schedules = []
+    for spec in args.replay:
+        try:
+            schedules.append([float(x) for x in spec.split(",")])
+        except ValueError:
+            print(f"error: --replay {spec!r}: give each round's share of the budget, "
+                  "comma-separated, e.g. 0.125,0.5", file=sys.stderr)  # fmt: skip
+            return 2
+    if args.replay_table is not None:
+        try:
+            records = read_table(args.replay_table)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    else:
+        grid = dict(QUICK if args.quick else GRID)
+        for key in ("data", "sizes", "models", "seeds"):
+            if getattr(args, key):
+                grid[key] = getattr(args, key)
+        try:
+            models = [parse_model(m) for m in grid["models"]]
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        cells = [Cell(d, n, b, s) for (b, s) in models for d in grid["data"]
+                 for n in grid["sizes"]]  # fmt: skip
+        out = args.out or Path("transfer-bench/quick" if args.quick else "transfer-bench")
+        with contextlib.redirect_stdout(io.StringIO()):  # the runs reused: not listed
+            records = bench(cells, [*RACED, "depth=all", "auto"], grid["seeds"], out,
+                            args.dev_root.resolve(), user, False, finished_only=True)  # fmt: skip
+    z = 1.0 if args.replay_z is None else args.replay_z
+    for fractions in schedules:
+        try:
+            r = replay(records, fractions, z=z)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"finetune.race.fractions={fractions} z={z:g}:")
+        for name, c in r["cells"].items():
+            same = [a == b for a, b in zip(c["actual"], c["blocks"], strict=True)
+                    if a is not None]  # fmt: skip
+            agree = f", the real auto chose the same in {sum(same)}/{len(same)}" if same else ""
+            print(f"  {name}: blocks {c['blocks']}, test {c['acc']:.3f}, regret "
+                  f"{c['regret']:+.2f} against {c['best_fixed']}, fit time / best's "
+                  f"{c['fit_over_best']:.2f}{agree}")  # fmt: skip
+        if r["cells"]:
+            print(f"  over {len(r['cells'])} cells: mean regret {r['mean_regret']:.2f}, worst "
+                  f"{r['worst_regret']:.2f} points; fit time / best fixed "
+                  f"{r['mean_fit_over_best']:.2f} (worst "
+                  f"{r['worst_fit_over_best']:.2f})")  # fmt: skip
+        else:
+            print("  nothing to replay: no cell has finished runs of every raced depth "
+                  f"({', '.join(RACED)}) with their validation curves")  # fmt: skip
+        for why in r["skipped"]:
+            print(f"  not replayed: {why}")
+    return 0
 
 
 if __name__ == "__main__":
