@@ -288,7 +288,7 @@ def replay(records: list[dict[str, Any]], fractions: Sequence[float], z: float =
     Raises:
         ConfigError: ``fractions`` that are no race's rounds.
     """
-    from transferkit.autodepth import halving, round_steps, snapper
+    from transferkit.autodepth import round_steps
 
     round_steps(1000, fractions, min_steps)  # the race's own check of the rounds
     runs: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
@@ -310,7 +310,7 @@ def replay(records: list[dict[str, Any]], fractions: Sequence[float], z: float =
             unknown = sorted({k for r in by.values() for k in NEEDED if r.get(k) is None})
             if unknown:
                 raise NotReplayable(f"its runs do not say their {', '.join(unknown)}")
-            chosen, fit, fixed = _replay_one(by, fractions, z, eta, min_steps, halving, snapper)
+            chosen, fit, fixed = _replay_one(by, fractions, z, eta, min_steps)
         except NotReplayable as e:
             skipped.append(f"{name} seed {seed}: {e}")
             continue
@@ -348,10 +348,11 @@ def replay(records: list[dict[str, Any]], fractions: Sequence[float], z: float =
 
 
 def _replay_one(by: dict[str, dict[str, Any]], fractions: Sequence[float], z: float, eta: int,
-                min_steps: int, halving: Any,
-                snapper: Any) -> tuple[int, float, dict[int, dict[str, Any]]]:  # fmt: skip
+                min_steps: int) -> tuple[int, float, dict[int, dict[str, Any]]]:  # fmt: skip
     """One cell and seed's race, from its fixed runs ``by`` (method → record): the blocks
     chosen, the seconds the race and the winner's run train, and the runs by blocks."""
+    from transferkit.autodepth import halving, snapper
+
     first = next(iter(by.values()))
     budget, per_epoch = int(first["budget_steps"]), int(first["steps_per_epoch"])
     every = min(int(r["val_curve"][0][0]) for r in by.values())
@@ -577,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replay-z", type=float, help="finetune.race.z of the replay (default 1)")
     args = p.parse_args(argv)
     if args.replay:
-        return replay_main(args, argv, user)
+        return replay_main(args, user)
     if args.replay_table is not None or args.replay_z is not None:
         print("error: --replay-table and --replay-z go with --replay (the rounds to replay, "
               "e.g. --replay 0.125,0.5); without it the grid is trained.",
@@ -654,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if any(r.get("error") for r in records) else 0
 
 
-def replay_main(args: argparse.Namespace, argv: list[str], user: list[str]) -> int:
+def replay_main(args: argparse.Namespace, user: list[str]) -> int:
     """``--replay``: the race's choices with other rounds, from finished runs."""
     schedules = []
     for spec in args.replay:
