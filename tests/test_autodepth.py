@@ -122,6 +122,26 @@ def test_halving_keeps_the_better_half_for_a_longer_round():
     assert calls == [(4, 15, 0), (0, 15, 0), (4, 27, 1)]
 
 
+def test_keep_close_keeps_what_a_short_round_cannot_tell_from_the_best():
+    """Textures at 100 per class (Lite2, seed 1): after 19 steps half the blocks (11) scored
+    0.8675 against 0.878 and 0.876 on 1,600 images, within the noise, and halving dropped it
+    for good. With keep_close it races on, and here overtakes; a candidate far below the
+    best (22 blocks) is still dropped."""
+    first = {0: 0.878, 6: 0.876, 11: 0.8675, 22: 0.70}
+    second = {0: 0.899, 6: 0.955, 11: 0.975, 22: 0.99}
+
+    def run(blocks, steps, rnd):
+        return (first if rnd == 0 else second)[blocks], 1600, 1.0, None
+
+    blocks, trials, _ = halving([0, 6, 11, 22], run, budget_steps=150)
+    assert blocks == 6 and sorted(t.blocks for t in trials if t.round == 1) == [0, 6]
+    blocks, trials, _ = halving([0, 6, 11, 22], run, budget_steps=150, keep_close=True)
+    assert blocks == 11 and sorted(t.blocks for t in trials if t.round == 1) == [0, 6, 11]
+    # z=0: nothing is "within noise" but a tie, so it is halving again
+    blocks, _, _ = halving([0, 6, 11, 22], run, budget_steps=150, keep_close=True, z=0.0)
+    assert blocks == 6
+
+
 def test_rounds_end_where_the_run_validates_and_record_the_steps_trained():
     calls = []
 
@@ -391,6 +411,17 @@ def test_auto_without_a_validation_split_says_what_to_do(make_cfg, folder, tmp_p
                                    "trainer.max_epochs=null", "finetune.steps=10"))  # fmt: skip
     with pytest.raises(ConfigError, match="val_fraction > 0"):
         finetune(cfg)
+
+
+def test_keep_close_that_is_no_boolean_is_refused_before_the_race(make_cfg, folder, tmp_path):
+    from transferkit.finetune import finetune
+
+    cfg = make_cfg(*tiny_overrides(folder, tmp_path / "r", "finetune=auto",
+                                   "finetune.race.keep_close=yes", "trainer.max_epochs=null",
+                                   "finetune.steps=10"))  # fmt: skip
+    with pytest.raises(ConfigError, match=r"keep_close='yes'; give true or false"):
+        finetune(cfg)
+    assert not (tmp_path / "r" / "auto").exists()  # no candidate ran
 
 
 def test_a_race_that_spends_the_whole_budget_still_tests_its_own_weights(

@@ -197,6 +197,23 @@ def test_the_race_replayed_from_the_fixed_runs_chooses_as_auto_does():
     assert whole["worst_regret"] == pytest.approx(0.0) and whole["skipped"] == []
 
 
+def test_the_replay_keeps_close_candidates_as_the_race_would(capsys):
+    """After the first round (10 steps) half the blocks is 1.5 points behind, within the
+    noise of 1,000 images, and depth 0 is second: halving drops half the blocks before it
+    overtakes; ``keep_close`` keeps it, and rounds to the end then see it win."""
+    recs = _late_bloomer()
+    for r in recs:
+        if r["method"] == "depth=0":
+            r["val_curve"] = [[s, 0.69] for s, _ in r["val_curve"]]
+        if r["method"] == "depth=1/2":
+            r["val_curve"] = [[s, 0.685 if s == 10 else a] for s, a in r["val_curve"]]
+    assert tb.replay(recs, [0.125, 1.0])["cells"]["glyphs/10/a@64"]["blocks"] == [2]
+    kept = tb.replay(recs, [0.125, 1.0], keep_close=True)["cells"]["glyphs/10/a@64"]
+    assert kept["blocks"] == [4] and kept["regret"] == pytest.approx(0.0)
+    assert tb.main(["--replay-keep-close"]) == 2  # without --replay: no grid is trained
+    assert "go with --replay" in capsys.readouterr().err
+
+
 def test_a_cell_the_race_cannot_be_replayed_on_is_named_with_the_reason():
     recs = [r for r in _late_bloomer("a/10/x@64") if r["method"] != "depth=1/2"]
     recs += _late_bloomer("b/10/x@64")

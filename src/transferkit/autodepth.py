@@ -227,12 +227,15 @@ def halving(
     min_steps: int = 10,
     z: float = 1.0,
     snap: Callable[[int], int] | None = None,
+    keep_close: bool = False,
 ) -> tuple[int, list[Trial], str]:
     """Successive halving over ``candidates`` (block counts).
 
     Round ``r`` trains each remaining candidate ``fractions[r]`` of ``budget_steps`` (see
     :func:`round_steps`; ``snap`` moves each round's end to where the run validates)
-    through ``run``; the best ``ceil(n / eta)`` go on to the next. The choice is
+    through ``run``; the best ``ceil(n / eta)`` go on to the next, and with ``keep_close``
+    also every other candidate within ``z`` standard errors (:func:`diff_se`) of the
+    round's best, so that noise in a short round drops no candidate. The choice is
     :func:`pick` over the last round's trials.
 
     Returns:
@@ -270,7 +273,12 @@ def halving(
             break
         keep = max(1, math.ceil(len(alive) / eta))
         ranked = sorted(last, key=lambda t: (-t.score, cost(t)))
-        alive = sorted(t.blocks for t in ranked[:keep])
+        kept = ranked[:keep]
+        if keep_close:
+            top = ranked[0]
+            kept += [t for t in ranked[keep:]
+                     if top.score - t.score <= z * diff_se(top, t, paired) + 1e-12]  # fmt: skip
+        alive = sorted(t.blocks for t in kept)
     chosen, why = pick(last, z, paired)
     return chosen.blocks, trials, why
 
@@ -488,6 +496,9 @@ def race(cfg: Any, total_blocks: int, prior_blocks: int, budget_steps: int,
 
     settings = cfg.finetune.get("race") or {}
     candidates = ladder(list(settings.get("candidates", [0, 0.25, 0.5])), total_blocks)
+    keep_close = settings.get("keep_close", False)
+    if not isinstance(keep_close, bool):
+        raise ConfigError(f"finetune.race.keep_close={keep_close!r}; give true or false.")
     root = Path(cfg.paths.output_dir) / "auto"
     keep = bool(settings.get("keep_runs", False))
     go_on = continuable(cfg, world_size) and bool(settings.get("continue", True))
@@ -597,6 +608,7 @@ def race(cfg: Any, total_blocks: int, prior_blocks: int, budget_steps: int,
             # a loss is no proportion: no binomial error, the best wins
             z=float(settings.get("z", 1.0)) if cfg.mode == "max" else 0.0,
             snap=snap,
+            keep_close=keep_close,
         )
         winner = blocks
         resume_from = None

@@ -259,11 +259,11 @@ NEEDED = ("val_curve", "budget_steps", "steps_per_epoch", "steps", "val_size", "
 
 
 def replay(records: list[dict[str, Any]], fractions: Sequence[float], z: float = 1.0,
-           eta: int = 2, min_steps: int = 10,
-           candidates: Sequence[str] = RACED) -> dict[str, Any]:  # fmt: skip
+           eta: int = 2, min_steps: int = 10, candidates: Sequence[str] = RACED,
+           keep_close: bool = False) -> dict[str, Any]:  # fmt: skip
     """What ``finetune=auto``'s race would have chosen with other rounds (``fractions``,
-    ``z``, ``eta``, ``min_steps``: ``finetune.race``'s), replayed from the fixed-depth runs of
-    each cell and seed, without training.
+    ``z``, ``eta``, ``min_steps``, ``keep_close``: ``finetune.race``'s), replayed from the
+    fixed-depth runs of each cell and seed, without training.
 
     Going on from its checkpoints (the default with a constant LR on one device), a
     candidate's rounds are the first steps of the fixed run at its depth, validated where
@@ -310,7 +310,7 @@ def replay(records: list[dict[str, Any]], fractions: Sequence[float], z: float =
             unknown = sorted({k for r in by.values() for k in NEEDED if r.get(k) is None})
             if unknown:
                 raise NotReplayable(f"its runs do not say their {', '.join(unknown)}")
-            chosen, fit, fixed = _replay_one(by, fractions, z, eta, min_steps)
+            chosen, fit, fixed = _replay_one(by, fractions, z, eta, min_steps, keep_close)
         except NotReplayable as e:
             skipped.append(f"{name} seed {seed}: {e}")
             continue
@@ -348,7 +348,8 @@ def replay(records: list[dict[str, Any]], fractions: Sequence[float], z: float =
 
 
 def _replay_one(by: dict[str, dict[str, Any]], fractions: Sequence[float], z: float, eta: int,
-                min_steps: int) -> tuple[int, float, dict[int, dict[str, Any]]]:  # fmt: skip
+                min_steps: int, keep_close: bool = False,
+                ) -> tuple[int, float, dict[int, dict[str, Any]]]:  # fmt: skip
     """One cell and seed's race, from its fixed runs ``by`` (method → record): the blocks
     chosen, the seconds the race and the winner's run train, and the runs by blocks."""
     from transferkit.autodepth import halving, snapper
@@ -378,7 +379,8 @@ def _replay_one(by: dict[str, dict[str, Any]], fractions: Sequence[float], z: fl
         return max(1, math.ceil(steps / per_epoch))
 
     snap = snapper(every // per_epoch, per_epoch, epochs_of, min_steps)
-    chosen, _, _ = halving(sorted(fixed), run, budget, fractions, eta, min_steps, z, snap)
+    chosen, _, _ = halving(sorted(fixed), run, budget, fractions, eta, min_steps, z, snap,
+                           keep_close)  # fmt: skip
     reached[chosen] = int(fixed[chosen]["steps"])  # the winner goes on to its end
     fit = sum(float(fixed[b]["fit_seconds"]) / max(1, int(fixed[b]["steps"])) * n
               for b, n in reached.items())  # fmt: skip
@@ -576,12 +578,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="replay from a report's table (docs/tables/<report>.csv) instead of "
                    "the run folders")  # fmt: skip
     p.add_argument("--replay-z", type=float, help="finetune.race.z of the replay (default 1)")
+    p.add_argument("--replay-keep-close", action="store_true",
+                   help="replay with finetune.race.keep_close=true (a round also keeps every "
+                        "candidate within z standard errors of its best)")  # fmt: skip
     args = p.parse_args(argv)
     if args.replay:
         return replay_main(args, user)
-    if args.replay_table is not None or args.replay_z is not None:
-        print("error: --replay-table and --replay-z go with --replay (the rounds to replay, "
-              "e.g. --replay 0.125,0.5); without it the grid is trained.",
+    if args.replay_table is not None or args.replay_z is not None or args.replay_keep_close:
+        print("error: --replay-table, --replay-z and --replay-keep-close go with --replay (the "
+              "rounds to replay, e.g. --replay 0.125,0.5); without it the grid is trained.",
               file=sys.stderr)  # fmt: skip
         return 2
     if args.finished_only and args.rerun:
@@ -690,11 +695,12 @@ def replay_main(args: argparse.Namespace, user: list[str]) -> int:
     z = 1.0 if args.replay_z is None else args.replay_z
     for fractions in schedules:
         try:
-            r = replay(records, fractions, z=z)
+            r = replay(records, fractions, z=z, keep_close=args.replay_keep_close)
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        print(f"finetune.race.fractions={fractions} z={z:g}:")
+        close = " keep_close=true" if args.replay_keep_close else ""
+        print(f"finetune.race.fractions={fractions} z={z:g}{close}:")
         for name, c in r["cells"].items():
             same = [a == b for a, b in zip(c["actual"], c["blocks"], strict=True)
                     if a is not None]  # fmt: skip
