@@ -123,10 +123,10 @@ def test_halving_keeps_the_better_half_for_a_longer_round():
 
 
 def test_keep_close_keeps_what_a_short_round_cannot_tell_from_the_best():
-    """Textures at 100 per class (Lite2, seed 1): after 19 steps half the blocks (11) scored
-    0.8675 against 0.878 and 0.876 on 1,600 images, within the noise, and halving dropped it
-    for good. With keep_close it races on, and here overtakes; a candidate far below the
-    best (22 blocks) is still dropped."""
+    """The first-round scores of textures at 100 per class (Lite2, seed 1): half the blocks
+    (11) scored 0.8675 against 0.878 and 0.876 on 1,600 images and halving dropped it for
+    good. Without per-image records that is within the noise: keep_close races it on, and
+    here it overtakes; a candidate far below the best (22 blocks) is still dropped."""
     first = {0: 0.878, 6: 0.876, 11: 0.8675, 22: 0.70}
     second = {0: 0.899, 6: 0.955, 11: 0.975, 22: 0.99}
 
