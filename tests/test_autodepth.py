@@ -126,7 +126,8 @@ def test_keep_close_keeps_what_a_short_round_cannot_tell_from_the_best():
     """The first-round scores of textures at 100 per class (Lite2, seed 1): half the blocks
     (11) scored 0.8675 against 0.878 and 0.876 on 1,600 images and halving dropped it for
     good. Without per-image records that is within the noise: keep_close races it on, and
-    here it overtakes; a candidate far below the best (22 blocks) is still dropped."""
+    here (an invented second round; in the real run the paired error dropped it anyway) it
+    overtakes; a candidate far below the best (22 blocks) is still dropped."""
     first = {0: 0.878, 6: 0.876, 11: 0.8675, 22: 0.70}
     second = {0: 0.899, 6: 0.955, 11: 0.975, 22: 0.99}
 
@@ -422,6 +423,21 @@ def test_keep_close_that_is_no_boolean_is_refused_before_the_race(make_cfg, fold
     with pytest.raises(ConfigError, match=r"keep_close='yes'; give true or false"):
         finetune(cfg)
     assert not (tmp_path / "r" / "auto").exists()  # no candidate ran
+
+
+def test_a_ddp_child_refuses_a_bad_keep_close_too(monkeypatch, make_cfg, folder, tmp_path):
+    """A DDP child never races (it takes rank 0's decision), so the race cannot be where a
+    bad value is caught."""
+    from transferkit.finetune import finetune
+
+    decided = Decision(3, 1, (Trial(3, 10, 0.9, 100, 2.0, 0),), 5.0, "measured", "race")
+    monkeypatch.setenv(autodepth.ENV, json.dumps(decided.as_dict()))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    cfg = make_cfg(*tiny_overrides(folder, tmp_path / "r", "finetune=auto",
+                                   "finetune.race.keep_close=1", "trainer.max_epochs=null",
+                                   "finetune.steps=10"))  # fmt: skip
+    with pytest.raises(ConfigError, match=r"keep_close=1; give true or false"):
+        finetune(cfg)
 
 
 def test_a_race_that_spends_the_whole_budget_still_tests_its_own_weights(

@@ -197,10 +197,11 @@ def test_the_race_replayed_from_the_fixed_runs_chooses_as_auto_does():
     assert whole["worst_regret"] == pytest.approx(0.0) and whole["skipped"] == []
 
 
-def test_the_replay_keeps_close_candidates_as_the_race_would(capsys):
+def test_the_replay_keeps_close_candidates_as_the_race_would(tmp_path: Path, capsys):
     """After the first round (10 steps) half the blocks is 1.5 points behind, within the
     noise of 1,000 images, and depth 0 is second: halving drops half the blocks before it
-    overtakes; ``keep_close`` keeps it, and rounds to the end then see it win."""
+    overtakes; ``keep_close`` keeps it, and rounds to the end then see it win. From the
+    command line too."""
     recs = _late_bloomer()
     for r in recs:
         if r["method"] == "depth=0":
@@ -208,10 +209,19 @@ def test_the_replay_keeps_close_candidates_as_the_race_would(capsys):
         if r["method"] == "depth=1/2":
             r["val_curve"] = [[s, 0.685 if s == 10 else a] for s, a in r["val_curve"]]
     assert tb.replay(recs, [0.125, 1.0])["cells"]["glyphs/10/a@64"]["blocks"] == [2]
+    from transferkit.experiments.common import save_csv
+
     kept = tb.replay(recs, [0.125, 1.0], keep_close=True)["cells"]["glyphs/10/a@64"]
     assert kept["blocks"] == [4] and kept["regret"] == pytest.approx(0.0)
     assert tb.main(["--replay-keep-close"]) == 2  # without --replay: no grid is trained
-    assert "go with --replay" in capsys.readouterr().err
+    assert "--replay-keep-close go with --replay" in capsys.readouterr().err
+    table = tmp_path / "t.csv"
+    save_csv(table, tb.CSV_COLUMNS, [[tb._csv_value(r.get(k)) for k in tb.CSV_COLUMNS]
+                                     for r in recs])  # fmt: skip
+    assert tb.main(["--replay-table", str(table), "--replay", "0.125,1",
+                    "--replay-keep-close"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "keep_close=true" in out and "glyphs/10/a@64: blocks [4]" in out
 
 
 def test_a_cell_the_race_cannot_be_replayed_on_is_named_with_the_reason():

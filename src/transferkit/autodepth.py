@@ -235,7 +235,7 @@ def halving(
     :func:`round_steps`; ``snap`` moves each round's end to where the run validates)
     through ``run``; the best ``ceil(n / eta)`` go on to the next, and with ``keep_close``
     also every other candidate within ``z`` standard errors (:func:`diff_se`) of the
-    round's best, so that noise in a short round drops no candidate. The choice is
+    round's best (with ``z=0``, as for a monitored loss, only ties). The choice is
     :func:`pick` over the last round's trials.
 
     Returns:
@@ -477,6 +477,21 @@ def continuable(cfg: Any, world_size: int) -> bool:
     return scheduler.get("scheduler") is None and world_size == 1 and not tuned
 
 
+def check_settings(cfg: Any) -> bool:
+    """Check what ``finetune.race`` says that nothing else checks before the run is built
+    (a resumed run or a DDP child never races, and must not take a bad value silently);
+    returns ``keep_close``.
+
+    Raises:
+        ConfigError: a ``keep_close`` that is not true or false.
+    """
+    settings = cfg.finetune.get("race") or {}
+    keep_close = settings.get("keep_close", False)
+    if not isinstance(keep_close, bool):
+        raise ConfigError(f"finetune.race.keep_close={keep_close!r}; give true or false.")
+    return keep_close
+
+
 def race(cfg: Any, total_blocks: int, prior_blocks: int, budget_steps: int,
          epochs_of: Callable[[int], int], datamodule: Any = None,
          steps_per_epoch: int | None = None, world_size: int = 1,
@@ -496,9 +511,7 @@ def race(cfg: Any, total_blocks: int, prior_blocks: int, budget_steps: int,
 
     settings = cfg.finetune.get("race") or {}
     candidates = ladder(list(settings.get("candidates", [0, 0.25, 0.5])), total_blocks)
-    keep_close = settings.get("keep_close", False)
-    if not isinstance(keep_close, bool):
-        raise ConfigError(f"finetune.race.keep_close={keep_close!r}; give true or false.")
+    keep_close = check_settings(cfg)
     root = Path(cfg.paths.output_dir) / "auto"
     keep = bool(settings.get("keep_runs", False))
     go_on = continuable(cfg, world_size) and bool(settings.get("continue", True))

@@ -476,6 +476,10 @@ def finetune(cfg: DictConfig, datamodule: Any = None) -> tuple[dict[str, Any], d
     ``datamodule``: one built from the same ``cfg.data`` to reuse (see :func:`build`)."""
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
+    if cfg.finetune.get("regime") == "auto" and cfg.finetune.get("race"):
+        from transferkit.autodepth import check_settings
+
+        check_settings(cfg)  # before anything is built, resumed or not
     objects = build(cfg, datamodule)
     dm, model, plan, trainer = (objects[k] for k in ("datamodule", "model", "plan", "trainer"))
     fit_dm = objects["fit_datamodule"]  # dm itself, or its cached frozen-prefix features
